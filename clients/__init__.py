@@ -1,0 +1,1 @@
+"""Clients for kvserve (and any OpenAI-compatible server)."""

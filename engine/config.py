@@ -1,0 +1,167 @@
+"""Frozen configuration: what the model is (ModelConfig) and how the engine runs it (EngineConfig)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: tuple[tuple[str, object], ...] | None = None  # frozen dict items
+    layer_windows: tuple[int | None, ...] = ()  # sliding window per layer, None = full
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.architecture!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of "
+                             f"num_kv_heads {self.num_kv_heads}")
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError("layer_windows must have one entry per layer")
+
+    @cached_property
+    def sliding_window(self) -> int | None:
+        """The window when every layer shares one (what KV eviction may rely on), else None."""
+        windows = set(self.layer_windows)
+        return windows.pop() if len(windows) == 1 else None
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        # The lecture's formula: 2 (K and V) x head_dim x n_kv_heads x n_layers x bytes.
+        return 2 * self.head_dim * self.num_kv_heads * self.num_layers * dtype.itemsize
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        arch = (cfg.get("architectures") or [""])[0]
+        num_heads = cfg["num_attention_heads"]
+        num_layers = cfg["num_hidden_layers"]
+        rope = dict(cfg.get("rope_parameters") or {})  # transformers >= 5
+        scaling = cfg.get("rope_scaling") or None     # transformers 4
+        if scaling:
+            rope.update(scaling)
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope scaling {rope_type!r} (supported: llama3)")
+        window = cfg.get("sliding_window")
+        if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
+            window = None
+        layer_types = cfg.get("layer_types")
+        if layer_types and window:
+            windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        elif arch.startswith("Qwen") and window:
+            first = cfg.get("max_window_layers", num_layers)
+            windows = tuple(window if i >= first else None for i in range(num_layers))
+        else:
+            windows = (window,) * num_layers
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            rope_scaling=tuple(sorted(rope.items())) if rope_type == "llama3" else None,
+            layer_windows=windows,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos,
+        )
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | float | str) -> int:
+    """'2GiB' / '512MiB' / '1.5G' / 1073741824 -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"cannot parse memory size {value!r} (e.g. 2GiB, 512MiB)")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(unit or " "))
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+    block_size: int = 16
+    num_kv_blocks: int = 0            # resolved capacity (blocks)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_prefix_caching: bool = True
+    attention_backend: str = "torch"  # resolved: "torch" | "triton"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
+                     "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_backend not in ("torch", "triton"):
+            raise ValueError(f"attention_backend must be torch, triton or auto, "
+                             f"got {self.attention_backend!r}")
+
+    @cached_property
+    def max_blocks_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.block_size)
+
+    @cached_property
+    def kv_cache_bytes(self) -> int:
+        return self.model.kv_bytes_per_token(self.dtype) * self.num_kv_blocks * self.block_size

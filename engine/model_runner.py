@@ -1,0 +1,68 @@
+"""Owns the model and the KV cache; turns a scheduled step into one flat forward + sample."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig
+from engine.models import CausalLM
+from engine.sampler import Sampler
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: CausalLM):
+        self.config = config
+        self.model = model
+        self.device = config.device
+        m = config.model
+        # One allocation: [layers, 2, num_blocks, block_size, Hkv, D]; zeros so that
+        # padding and the null block are always finite.
+        self.kv_cache = torch.zeros(m.num_layers, 2, config.num_kv_blocks, config.block_size,
+                                    m.num_kv_heads, m.head_dim, dtype=config.dtype,
+                                    device=self.device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[Sequence], num_tokens: list[int]):
+        """Run one step. Returns (sampling seqs, token ids [N], logprobs [N]) on the host."""
+        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_tokens)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        sampling = [seqs[i] for i in sample_rows.tolist()]
+        if not sampling:
+            return [], [], []
+        last = meta.cu_seqlens_q[1:].long() - 1
+        logits = self.model.compute_logits(hidden[last[torch.from_numpy(sample_rows).to(self.device)]])
+        tokens, logprobs = self.sampler(logits, sampling)
+        return sampling, tokens.tolist(), logprobs.tolist()
+
+    def _prepare(self, seqs: list[Sequence], num_tokens: list[int]):
+        bs = self.config.block_size
+        n_new = np.asarray(num_tokens, dtype=np.int64)                   # [S]
+        start = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
+        seq_lens = start + n_new
+        cu = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(n_new, out=cu[1:])
+        total = int(cu[-1])
+        row = np.repeat(np.arange(len(seqs)), n_new)                     # [T] seq of each token
+        positions = start[row] + np.arange(total) - cu[:-1][row]          # [T]
+        width = max(len(s.block_ids) for s in seqs)
+        tables = np.zeros((len(seqs), width), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_ids)] = s.block_ids
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        ids = [t for s, a, n in zip(seqs, start.tolist(), num_tokens) for t in s.token_ids[a:a + n]]
+        sample_rows = np.nonzero(seq_lens == np.fromiter((s.num_tokens for s in seqs),
+                                                         np.int64, len(seqs)))[0]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            backend=self.config.attention_backend,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return input_ids, torch.from_numpy(positions).to(dev), meta, sample_rows

@@ -1,0 +1,3 @@
+from engine.models.llama import CausalLM
+
+__all__ = ["CausalLM"]

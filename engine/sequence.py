@@ -1,0 +1,58 @@
+"""A sequence being generated: progress is counters over its token list."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival_time: float | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index                    # which of the request's n outputs
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0          # tokens whose K/V are in the cache
+        self.block_ids: list[int] = []
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.cumulative_logprob = 0.0
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.num_preemptions = 0
+        self.generator: torch.Generator | None = None  # made by the sampler on first use
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

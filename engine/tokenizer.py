@@ -1,0 +1,80 @@
+"""Tokenizers and chat templates, from GGUF metadata or an HF directory (via transformers)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+from engine.loader import ModelSource
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                         "kvserve", "tokenizers")
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.eos_token_id = hf_tokenizer.eos_token_id
+        self.vocab_size = len(hf_tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text).input_ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not self.hf.chat_template:
+            raise ValueError("this model has no chat template; use generate() with plain text")
+        ids = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                          tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer | None:
+    from transformers import AutoTokenizer
+    if source.kind == "hf":
+        has_files = any(os.path.isfile(os.path.join(source.path, f))
+                        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        return Tokenizer(AutoTokenizer.from_pretrained(source.path)) if has_files else None
+    # Converting a GGUF vocabulary takes seconds; keep the converted fast tokenizer on disk,
+    # keyed by the file's identity, and load that next time.
+    st = os.stat(source.path)
+    key = hashlib.sha1(f"{os.path.abspath(source.path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    cached = os.path.join(CACHE_DIR, key.hexdigest()[:16])
+    if os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        try:
+            return Tokenizer(AutoTokenizer.from_pretrained(cached))
+        except Exception as e:  # a damaged cache is rebuilt, never fatal
+            logger.warning("tokenizer cache %s unreadable (%s); rebuilding", cached, e)
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(source.path),
+                                       gguf_file=os.path.basename(source.path))
+    try:
+        hf.save_pretrained(cached)
+    except OSError as e:
+        logger.warning("cannot cache the tokenizer in %s: %s", cached, e)
+    return Tokenizer(hf)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.prefix_offset = 0   # tokens before this are settled and out of the window
+        self.read_offset = 0     # text of tokens before this has been emitted
+        self.text = ""
+
+    def step(self, token_ids: list[int]) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(token_ids[self.prefix_offset:self.read_offset], self.skip)
+        full = decode(token_ids[self.prefix_offset:], self.skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the next token
+        delta = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,104 @@
+"""Plain-torch paged attention: the oracle for the Triton kernels and the CPU backend.
+
+Semantics (DESIGN.md): query i of sequence s sits at position p = seq_lens[s] - q_len_s + i
+and attends to keys j with j <= p and, with a window W, j > p - W.  Keys are read through
+the block table; positions outside [p - W, p] are masked *and* zeroed, so a block freed by
+sliding-window eviction (whose table entry may point anywhere) can never leak into the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    # k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    slots = slot_mapping.long()
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    # cache: [N, B, Hkv, D]; block_table: [..., nb] -> [..., length, Hkv, D]
+    block_size = cache.shape[1]
+    nb = (length + block_size - 1) // block_size
+    blocks = cache[block_table[..., :nb].long()]  # [..., nb, B, Hkv, D]
+    return blocks.flatten(-4, -3)[..., :length, :, :]
+
+
+def _key_mask(q_pos: torch.Tensor, length: int, seq_len: torch.Tensor,
+              sliding_window: int | None) -> torch.Tensor:
+    # q_pos: [..., Q]; seq_len broadcastable to [..., 1] -> bool [..., Q, length]
+    j = torch.arange(length, device=q_pos.device)
+    mask = (j <= q_pos[..., None]) & (j < seq_len[..., None, None])
+    if sliding_window is not None:
+        mask &= j > q_pos[..., None] - sliding_window
+    return mask
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
+    # q: [S, Hq, D], one query per sequence at position seq_len - 1
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    length = int(seq_lens.max())
+    k = _gather_kv(k_cache, block_tables, length)  # [S, L, Hkv, D]
+    v = _gather_kv(v_cache, block_tables, length)
+    q_pos = (seq_lens.long() - 1)[:, None]  # [S, 1]
+    mask = _key_mask(q_pos, length, seq_lens.long(), sliding_window)[:, 0]  # [S, L]
+    k = torch.where(mask[:, :, None, None], k, 0)
+    v = torch.where(mask[:, :, None, None], v, 0)
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float()) * scale  # [S, Hkv, G, L]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3).float())  # [S, Hkv, G, D]
+    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+
+
+def _prefill_one(q, k_cache, v_cache, block_table, seq_len, scale, sliding_window):
+    # q: [Q, Hq, D] for one sequence whose KV length is seq_len
+    q_len = q.shape[0]
+    k = _gather_kv(k_cache, block_table, seq_len)  # [L, Hkv, D]
+    v = _gather_kv(v_cache, block_table, seq_len)
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+    mask = _key_mask(q_pos, seq_len, torch.tensor(seq_len, device=q.device), sliding_window)
+    if sliding_window is not None:  # keys evicted from the window may be garbage
+        live = mask.any(0)
+        k = torch.where(live[:, None, None], k, 0)
+        v = torch.where(live[:, None, None], v, 0)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, enable_gqa=True)  # [1, Hq, Q, D]
+    return out[0].transpose(0, 1)
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    # q: [T, Hq, D]; caches: [N, B, Hkv, D]; block_tables: [S, max_blocks];
+    # cu_seqlens_q: [S + 1]; seq_lens: [S]  ->  [T, Hq, D]
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    single = q_lens == 1
+    if bool(single.all()):  # pure decode batch
+        return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    if bool(single.any()):  # the decodes of a mixed batch still go as one batch
+        idx = single.nonzero()[:, 0]
+        rows = cu_seqlens_q[idx].long()
+        out[rows] = _decode(q[rows], k_cache, v_cache, block_tables[idx], seq_lens[idx],
+                            scale, sliding_window)
+    # Prefill sequences have very different lengths; padding them into one tensor costs
+    # O(S * Qmax * Lmax) memory, so each is one SDPA call over its own keys.
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for s in (~single & (q_lens > 0)).nonzero()[:, 0].tolist():
+        out[cu[s]:cu[s + 1]] = _prefill_one(q[cu[s]:cu[s + 1]], k_cache, v_cache,
+                                            block_tables[s], lens[s], scale, sliding_window)
+    return out

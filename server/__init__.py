@@ -1,0 +1,1 @@
+"""kvserve's HTTP server and command line."""
