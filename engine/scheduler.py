@@ -34,7 +34,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.kv = kv
+        self.kv = kv  # the admission watermark applies only while others run, else a prompt
+        # that fits the empty pool would wait forever
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -70,7 +71,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.can_allocate(seq, n, admit=True):
+            if not self.kv.can_allocate(seq, n, admit=bool(self.running)):
                 break
             self.waiting.popleft()
             self.kv.allocate(seq, n)
