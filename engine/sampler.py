@@ -9,7 +9,6 @@ from engine.sequence import Sequence
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         # logits: [N, V] float32 -> (token ids [N], their log-probabilities [N])
-        logprobs = torch.log_softmax(logits, dim=-1)
         greedy = logits.argmax(dim=-1)
         temps = [s.params.temperature if not s.params.greedy else 0.0 for s in seqs]
         if not any(temps):
@@ -23,7 +22,8 @@ class Sampler:
                 if seq.params.seed is not None and temps[row]:
                     noise[row].exponential_(generator=self._generator(seq, logits.device))
             tokens = torch.where(t > 0, (probs / noise).argmax(dim=-1), greedy)
-        return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+        # log p(token) without materialising the whole log-softmax
+        return tokens, logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
     @staticmethod
     def _generator(seq: Sequence, device: torch.device) -> torch.Generator:

@@ -24,8 +24,9 @@ def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> t
     # cache: [N, B, Hkv, D]; block_table: [..., nb] -> [..., length, Hkv, D]
     block_size = cache.shape[1]
     nb = (length + block_size - 1) // block_size
-    blocks = cache[block_table[..., :nb].long()]  # [..., nb, B, Hkv, D]
-    return blocks.flatten(-4, -3)[..., :length, :, :]
+    table = block_table[..., :nb].long()
+    blocks = cache.index_select(0, table.reshape(-1)).view(*table.shape, *cache.shape[1:])
+    return blocks.flatten(-4, -3)[..., :length, :, :]  # [..., length, Hkv, D]
 
 
 def _key_mask(q_pos: torch.Tensor, length: int, seq_len: torch.Tensor,
@@ -41,21 +42,29 @@ def _key_mask(q_pos: torch.Tensor, length: int, seq_len: torch.Tensor,
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
     # q: [S, Hq, D], one query per sequence at position seq_len - 1
     num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     length = int(seq_lens.max())
-    k = _gather_kv(k_cache, block_tables, length)  # [S, L, Hkv, D]
-    v = _gather_kv(v_cache, block_tables, length)
-    q_pos = (seq_lens.long() - 1)[:, None]  # [S, 1]
+    # One gather straight into [S, Hkv, L, D] (row of (slot, head) in the flat cache), so
+    # the two matmuls below read K and V without another copy.
+    j = torch.arange(length, device=q.device)
+    blocks = block_tables[:, j // block_size].long()                     # [S, L]
+    rows = (blocks * block_size + j % block_size)[:, None, :] * num_kv_heads \
+        + torch.arange(num_kv_heads, device=q.device)[None, :, None]     # [S, Hkv, L]
+    # index_select is ~8x faster than advanced indexing for row gathers on CPU
+    k = k_cache.view(-1, head_dim).index_select(0, rows.view(-1)).view(*rows.shape, head_dim)
+    v = v_cache.view(-1, head_dim).index_select(0, rows.view(-1)).view(*rows.shape, head_dim)
+    q_pos = (seq_lens.long() - 1)[:, None]
     mask = _key_mask(q_pos, length, seq_lens.long(), sliding_window)[:, 0]  # [S, L]
-    k = torch.where(mask[:, :, None, None], k, 0)
-    v = torch.where(mask[:, :, None, None], v, 0)
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float()) * scale  # [S, Hkv, G, L]
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3).float())  # [S, Hkv, G, D]
-    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+    if sliding_window is not None:  # evicted blocks may hold anything, NaN included
+        k = torch.where(mask[:, None, :, None], k, 0)
+        v = torch.where(mask[:, None, :, None], v, 0)
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale      # [S, Hkv, G, L]
+    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)                                         # [S, Hkv, G, D]
+    return out.reshape(num_seqs, num_q_heads, head_dim)
 
 
 def _prefill_one(q, k_cache, v_cache, block_table, seq_len, scale, sliding_window):
