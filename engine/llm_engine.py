@@ -180,7 +180,7 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        if seq.num_output_tokens > p.min_tokens:  # token index >= min_tokens may stop
             if token in p.stop_token_ids:
                 return "stop"
             if not p.ignore_eos and token in self.eos_token_ids:
