@@ -1,0 +1,493 @@
+"""Triton kernels for paged causal attention over the block-table KV cache.
+
+Same signatures and semantics as `kernels.reference` (the torch oracle):
+
+* `paged_attention` - query i of sequence s sits at position p = seq_lens[s] - q_len_s + i and
+  attends to keys j <= p (and j > p - W with a sliding window W).  Two kernels:
+    - prefill (some sequence has several queries): flash-style tiles.  One program owns one
+      tile of up to BLOCK_M query tokens of one sequence and one KV head; the G query heads of
+      that KV head's group are packed into the tile rows (row r = token r // G, head r % G), so
+      every K/V tile is loaded once per group.  The program -> (sequence, first token) map is
+      built on the device with torch ops; the grid is an upper bound on the tile count, so no
+      host sync is needed, and surplus programs do nothing.
+    - decode (one query per sequence): split-K.  Grid (sequences, KV heads, splits), each
+      program covering one slice of the live key range [window start, seq_len) for all G heads
+      of its group and writing a partial output plus its log-sum-exp; a merge kernel combines
+      the slices.  The grid depends only on shapes (CUDA-graph friendly); a slice with no keys
+      writes lse = -inf and is ignored by the merge.
+* `store_kv` - one program per new token; slots < 0 are skipped.
+
+Keys outside the window are never loaded (loop bounds start at the tile that holds the first
+live key, and loads are masked below it), so blocks freed by sliding-window eviction may hold
+anything.  Softmax runs in fp32 in base 2 with scale * log2(e) folded into the scores; fp32
+inputs use tf32x3 dots on the GPU.  On CPU run with TRITON_INTERPRET=1 (fp32/fp16 only: the
+interpreter's bf16 tl.dot is wrong, triton-lang/triton#11584).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi, kv_table_row,
+                  k_base, v_base, stride_kb, stride_ko, stride_vb, stride_vo,
+                  d, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One KV tile [n0, n0 + BLOCK_N) of the online softmax.  MASKED=False is only used for
+    tiles that every row may see in full (no causal, window or range mask needed)."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        kv_ok = (j >= lo) & (j < hi)
+        blk = tl.load(kv_table_row + j // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    else:
+        blk = tl.load(kv_table_row + j // BLOCK_SIZE).to(tl.int64)
+    off = (j % BLOCK_SIZE).to(tl.int64)
+    k_ptrs = k_base + blk[None, :] * stride_kb + off[None, :] * stride_ko + d[:, None]
+    v_ptrs = v_base + blk[:, None] * stride_vb + off[:, None] * stride_vo + d[None, :]
+    if MASKED:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            k_t = tl.load(k_ptrs, mask=kv_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            k_t = tl.load(k_ptrs, mask=kv_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            k_t = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k_t = tl.load(k_ptrs, mask=d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=d[None, :] < HEAD_DIM, other=0.0)
+
+    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale          # [ROWS, BLOCK_N], log2
+    if MASKED:
+        keep = (j[None, :] <= pos[:, None]) & kv_ok[None, :]
+        if USE_WINDOW:
+            keep = keep & (j[None, :] > pos[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr,
+                    seq_lens_ptr, tile_seq_ptr, tile_start_ptr, qk_scale, window,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    live = seq >= 0                       # the grid is an upper bound; surplus tiles idle
+    seq = tl.maximum(seq, 0)
+    tile_start = tl.load(tile_start_ptr + tile)
+    q_begin = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.where(live, tl.load(cu_seqlens_q_ptr + seq + 1) - q_begin, 0)
+    seq_len = tl.where(live, tl.load(seq_lens_ptr + seq), 0)
+    n_tok = tl.where(live, tl.minimum(q_len - tile_start, BLOCK_M), 0)   # query tokens here
+    first_pos = seq_len - q_len + tile_start                              # 0 for idle tiles
+    hi = first_pos + n_tok                    # one past the causal limit of the last query
+
+    rows = tl.arange(0, ROWS)
+    m_idx = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = m_idx < n_tok
+    pos = first_pos + m_idx
+    tok = (q_begin + tile_start + m_idx).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    q_mask = row_ok[:, None]
+    if HEAD_DIM != HEAD_DIM_PAD:
+        q_mask = q_mask & (d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=q_mask, other=0.0)
+
+    # KV range: [lo, hi) holds every key some row of this tile can see.  Three loops:
+    # masked tiles below the window start of the last row, unmasked tiles that every row sees
+    # in full, masked tiles from the causal limit of the first row on.
+    if USE_WINDOW:
+        lo = tl.maximum(first_pos - window + 1, 0)
+        lo_all = tl.maximum(hi - window, 0)          # window start of the last query
+    else:
+        lo = first_pos * 0
+        lo_all = lo
+    end = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    a = (lo // BLOCK_N) * BLOCK_N
+    b = tl.maximum(tl.minimum(tl.cdiv(lo_all, BLOCK_N) * BLOCK_N, end), a)
+    c = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, b)
+    c = tl.where(n_tok > 0, c, b)
+
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh * stride_kh
+    v_base = v_cache_ptr + kvh * stride_vh
+    for n0 in range(a, b, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi,
+                                      table_row, k_base, v_base, stride_kb, stride_ko,
+                                      stride_vb, stride_vo, d, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
+                                      HEAD_DIM_PAD, True, USE_WINDOW, PRECISION)
+    for n0 in range(b, c, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi,
+                                      table_row, k_base, v_base, stride_kb, stride_ko,
+                                      stride_vb, stride_vo, d, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
+                                      HEAD_DIM_PAD, False, USE_WINDOW, PRECISION)
+    for n0 in range(c, hi, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi,
+                                      table_row, k_base, v_base, stride_kb, stride_ko,
+                                      stride_vb, stride_vo, d, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
+                                      HEAD_DIM_PAD, True, USE_WINDOW, PRECISION)
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_i[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                   block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, qk_scale, window, num_splits,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                   NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(cu_seqlens_q_ptr + seq)
+    has_q = tl.load(cu_seqlens_q_ptr + seq + 1) > row
+    hi = tl.where(has_q, tl.load(seq_lens_ptr + seq), 0)   # the query sits at hi - 1
+    if USE_WINDOW:
+        lo = tl.maximum(hi - window, 0)
+    else:
+        lo = hi * 0
+    # This split's slice of [lo, hi): equal runs of whole tiles, counted from the tile of lo.
+    base = (lo // BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(hi - base, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = base + split * chunk
+    s_hi = tl.minimum(s_lo + chunk, hi)
+
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < tl.where(has_q, GROUP, 0)   # (vector & scalar-bool breaks the interpreter)
+    head = kvh * GROUP + g
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh * stride_kh
+    v_base = v_cache_ptr + kvh * stride_vh
+    for n0 in range(s_lo, s_hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        kv_ok = (j >= lo) & (j < s_hi)          # causal limit and window in one range
+        blk = tl.load(table_row + j // BLOCK_SIZE, mask=kv_ok, other=0).to(tl.int64)
+        off = (j % BLOCK_SIZE).to(tl.int64)
+        k_t = tl.load(k_base + blk[None, :] * stride_kb + off[None, :] * stride_ko + d[:, None],
+                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + blk[:, None] * stride_vb + off[:, None] * stride_vo + d[None, :],
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.where(kv_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DIRECT:
+        tl.store(out_ptr + row.to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # partials: out [S, Hq, splits, HEAD_DIM_PAD] fp32, lse [S, Hq, splits] fp32 (base 2)
+        idx = (seq.to(tl.int64) * NUM_Q_HEADS + head) * num_splits + split
+        # a split with no keys (past seq_len or before the window) only writes lse = -inf
+        n_live = tl.where(has_q & (s_hi > s_lo), GROUP, 0)
+        tl.store(part_out_ptr + idx[:, None] * HEAD_DIM_PAD + d[None, :], o,
+                 mask=(g < n_live)[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(part_lse_ptr + idx, lse, mask=g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(out_ptr, part_out_ptr, part_lse_ptr, cu_seqlens_q_ptr, num_splits,
+                  stride_ot, stride_oh, NUM_Q_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.load(cu_seqlens_q_ptr + seq)
+    has_q = tl.load(cu_seqlens_q_ptr + seq + 1) > row
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    idx = (seq.to(tl.int64) * NUM_Q_HEADS + head) * num_splits + sp
+    lse = tl.load(part_lse_ptr + idx, mask=sp < num_splits, other=float("-inf"))
+    used = lse != float("-inf")            # empty splits never wrote their partial output
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(used, tl.exp2(lse - m), 0.0)
+    parts = tl.load(part_out_ptr + idx[:, None] * HEAD_DIM_PAD + d[None, :],
+                    mask=used[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + row.to(tl.int64) * stride_ot + head * stride_oh + d,
+             o.to(out_ptr.dtype.element_ty), mask=d < tl.where(has_q, HEAD_DIM, 0))
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_ckb, stride_cko, stride_ckh, stride_cvb, stride_cvo, stride_cvh,
+                     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    ok = slot >= 0
+    slot = tl.maximum(slot, 0)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (h < tl.where(ok, NUM_HEADS, 0))[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(k_cache_ptr + blk * stride_ckb + off * stride_cko + h[:, None] * stride_ckh
+             + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + blk * stride_cvb + off * stride_cvo + h[:, None] * stride_cvh
+             + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so CPU runs exercise the merge too
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: three tf32 products per dot, close to fp32 accuracy but on the tensor cores
+    # ("ieee" falls back to FMA and spills heavily at these tile sizes).  16-bit inputs use the
+    # tensor cores natively and ignore the setting.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _prefill_config(num_tokens: int, group: int, head_dim_pad: int, dtype: torch.dtype):
+    """(BLOCK_M tokens, ROWS = padded BLOCK_M * group, BLOCK_N, num_warps, num_stages).
+    Sized for H100 (sm_90) without register spills (checked with ptxas for 16-bit inputs at
+    head_dim 64/128/256 and fp32 at 64/128)."""
+    if dtype == torch.float32:
+        target, block_n, num_warps = (64, 32, 4) if head_dim_pad <= 64 else (32, 32, 8)
+        num_stages = 2
+    elif head_dim_pad <= 128:
+        target, block_n, num_stages = 128, 64, 3
+        num_warps = 8 if head_dim_pad == 128 else 4
+    else:
+        target, block_n, num_warps, num_stages = 64, 32, 8, 2
+    # Few tokens in the whole batch: a smaller tile wastes fewer rows.
+    target = min(target, max(16, _pow2(num_tokens * group)))
+    block_m = max(1, target // group)          # non-power-of-two groups leave < group rows idle
+    rows = max(16, _pow2(block_m * group))
+    return block_m, rows, block_n, num_warps, num_stages
+
+
+def _decode_num_splits(num_seqs: int, num_kv_heads: int, max_keys: int, block_n: int,
+                       device: torch.device) -> int:
+    """Splits per (sequence, KV head), from shapes only (fixed grid for a given batch shape):
+    enough programs for ~2 waves of the SMs, but no split shorter than 2 KV tiles (by the
+    widest context the block table can describe).  Rounded down to a power of two, so a
+    server sees few distinct grids."""
+    programs = num_seqs * num_kv_heads
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    useful = max(1, max_keys // (2 * block_n))
+    splits = max(1, min(want, useful, 64))
+    return 1 << (splits.bit_length() - 1)
+
+
+def decode_plan(num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                table_keys: int, sliding_window: int | None, device: torch.device):
+    """(KV tile, number of splits) of the decode kernel.  table_keys = block-table width x block
+    size bounds every context in the batch; with a window only ~window keys are read."""
+    head_dim_pad = max(16, _pow2(head_dim))
+    block_n = 32 if dtype == torch.float32 else 64 if head_dim_pad >= 128 else 128
+    max_keys = table_keys if sliding_window is None else min(table_keys, sliding_window + block_n)
+    return block_n, _decode_num_splits(num_seqs, num_kv_heads, max_keys, block_n, device)
+
+
+def _tile_map(cu_seqlens_q: torch.Tensor, num_tokens: int, block_m: int):
+    """tile -> (sequence, first query token within it); -1 marks surplus tiles.  Torch ops on
+    the tensors' device, no host sync: the tile count is bounded by shapes alone."""
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    max_tiles = min(num_tokens, (num_tokens + num_seqs * (block_m - 1)) // block_m)
+    cu = cu_seqlens_q.to(torch.int64)
+    n = (cu[1:] - cu[:-1] + block_m - 1) // block_m                    # tiles per sequence
+    ends = torch.cumsum(n, 0)
+    t = torch.arange(max_tiles, device=cu.device)
+    seq = torch.searchsorted(ends, t, right=True)                       # == num_seqs: surplus
+    live = seq < num_seqs
+    seq = seq.clamp(max=num_seqs - 1)
+    start = (t - (ends[seq] - n[seq])) * block_m
+    tile_seq = torch.where(live, seq, -1).to(torch.int32)
+    tile_start = torch.where(live, start, 0).to(torch.int32)
+    return tile_seq, tile_start, max_tiles
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                    *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; caches: [N, B, Hkv, D]; block_tables int32 [S, max_blocks];
+    cu_seqlens_q int32 [S + 1]; seq_lens int32 [S] -> [T, Hq, D] (q's dtype; `out` if given).
+
+    The decode kernel is chosen when T == S, which assumes one query per sequence
+    (cu_seqlens_q == arange(S + 1)); anything else goes through the prefill kernel."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    assert num_q_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[-1] == head_dim
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    q = _inner_contiguous(q)
+    k_cache = _inner_contiguous(k_cache)
+    v_cache = _inner_contiguous(v_cache)
+    block_tables = block_tables.to(torch.int32)
+    if block_tables.stride(-1) != 1:
+        block_tables = block_tables.contiguous()
+    cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+
+    group = num_q_heads // num_kv_heads
+    head_dim_pad = max(16, _pow2(head_dim))
+    use_window = sliding_window is not None
+    window = int(sliding_window) if use_window else 0
+    if use_window:
+        assert window >= 1, "sliding_window counts the query's own key, so it must be >= 1"
+    qk_scale = float(scale) * LOG2E
+    precision = _precision(q.dtype)
+    strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1),
+                   stride_ot=out.stride(0), stride_oh=out.stride(1),
+                   stride_kb=k_cache.stride(0), stride_ko=k_cache.stride(1),
+                   stride_kh=k_cache.stride(2), stride_vb=v_cache.stride(0),
+                   stride_vo=v_cache.stride(1), stride_vh=v_cache.stride(2),
+                   stride_bt=block_tables.stride(0))
+
+    if num_tokens == num_seqs:
+        _decode(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, qk_scale,
+                window, use_window, group, head_dim_pad, precision, strides)
+        return out
+
+    block_m, rows, block_n, num_warps, num_stages = _prefill_config(
+        num_tokens, group, head_dim_pad, q.dtype)
+    tile_seq, tile_start, max_tiles = _tile_map(cu_seqlens_q, num_tokens, block_m)
+    _prefill_kernel[(max_tiles, num_kv_heads)](
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, out_ptr=out,
+        block_tables_ptr=block_tables, cu_seqlens_q_ptr=cu_seqlens_q, seq_lens_ptr=seq_lens,
+        tile_seq_ptr=tile_seq, tile_start_ptr=tile_start, qk_scale=qk_scale, window=window,
+        **strides, GROUP=group, BLOCK_M=block_m, ROWS=rows, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        USE_WINDOW=use_window, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _alloc_partials(num_seqs: int, num_q_heads: int, num_splits: int, head_dim_pad: int,
+                    device: torch.device):
+    """Split-K scratch: partial outputs [S, Hq, splits, Dpad] and their base-2 lse [S, Hq, splits]
+    (fp32).  Empty splits leave their partial output unwritten."""
+    part_out = torch.empty(num_seqs, num_q_heads, num_splits, head_dim_pad,
+                           dtype=torch.float32, device=device)
+    part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=device)
+    return part_out, part_lse
+
+
+def _decode(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, qk_scale, window,
+            use_window, group, head_dim_pad, precision, strides):
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    wide = q.dtype == torch.float32
+    block_n, num_splits = decode_plan(num_seqs, num_kv_heads, head_dim, q.dtype,
+                                      block_tables.shape[1] * block_size,
+                                      window if use_window else None, q.device)
+    direct = num_splits == 1
+    if direct:   # the kernel writes `out` itself; the partial buffers are never touched
+        part_out = part_lse = out
+    else:
+        part_out, part_lse = _alloc_partials(num_seqs, num_q_heads, num_splits, head_dim_pad,
+                                             q.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache, out_ptr=out, part_out_ptr=part_out,
+        part_lse_ptr=part_lse, block_tables_ptr=block_tables, cu_seqlens_q_ptr=cu_seqlens_q,
+        seq_lens_ptr=seq_lens, qk_scale=qk_scale, window=window, num_splits=num_splits,
+        **strides, NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        USE_WINDOW=use_window, DIRECT=direct, PRECISION=precision,
+        num_warps=4, num_stages=2 if wide else 3)
+    if not direct:
+        _merge_kernel[(num_seqs, num_q_heads)](
+            out_ptr=out, part_out_ptr=part_out, part_lse_ptr=part_lse,
+            cu_seqlens_q_ptr=cu_seqlens_q, num_splits=num_splits,
+            stride_ot=strides["stride_ot"], stride_oh=strides["stride_oh"],
+            NUM_Q_HEADS=num_q_heads, SPLITS_PAD=max(2, _pow2(num_splits)),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, num_warps=4 if head_dim_pad >= 128 else 2)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D]; caches: [N, B, Hkv, D]; slot_mapping [T] (slot = block * B + offset).
+    Writes row slot of the caches for every token; tokens with slot < 0 are skipped."""
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "cache rows must be contiguous"
+    k = _inner_contiguous(k)
+    v = _inner_contiguous(v)
+    slot_mapping = slot_mapping.contiguous()
+    block_size = k_cache.shape[1]
+    _store_kv_kernel[(num_tokens,)](
+        k_ptr=k, v_ptr=v, k_cache_ptr=k_cache, v_cache_ptr=v_cache, slot_ptr=slot_mapping,
+        stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0),
+        stride_vh=v.stride(1), stride_ckb=k_cache.stride(0), stride_cko=k_cache.stride(1),
+        stride_ckh=k_cache.stride(2), stride_cvb=v_cache.stride(0), stride_cvo=v_cache.stride(1),
+        stride_cvh=v_cache.stride(2), NUM_HEADS=num_heads, HEADS_PAD=_pow2(num_heads),
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=block_size,
+        num_warps=1 if num_heads * head_dim <= 1024 else 4)
