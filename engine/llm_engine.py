@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +68,10 @@ class LLMEngine:
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if attention_backend == "auto":
             attention_backend = "triton" if dev.type == "cuda" else "torch"
+        if attention_backend == "triton" and dev.type != "cuda" \
+                and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention_backend='triton' on the CPU needs TRITON_INTERPRET=1 in "
+                             "the environment (slow; for tests); use 'torch' on the CPU")
         gguf = GGUFFile(source.path) if source.kind == "gguf" else None
         model_cfg = gguf.config() if gguf else hf_config(source.path)
         t0 = time.perf_counter()
