@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The one script to run on a lent GPU machine (it has torch, triton, transformers; maybe not
+# pytest or gguf): kernel tests on CUDA (bf16/fp16 cases switch on), then the kernel benchmark.
+set -u
+cd "$(dirname "$0")/.."
+python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+if python -c "import pytest" 2>/dev/null; then
+  timeout 240 python -m pytest -q -x tests/test_triton_attention.py 2>&1 | tail -5
+else
+  echo "pytest not installed: kernel tests skipped"
+fi
+timeout 300 python bench/kernels.py
