@@ -1,9 +1,8 @@
 """Frozen configuration: what the model is (ModelConfig) and how the engine runs it (EngineConfig)."""
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -147,7 +146,6 @@ class EngineConfig:
     max_model_len: int = 2048
     enable_prefix_caching: bool = True
     attention_backend: str = "torch"  # resolved: "torch" | "triton"
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -157,10 +155,6 @@ class EngineConfig:
         if self.attention_backend not in ("torch", "triton"):
             raise ValueError(f"attention_backend must be torch, triton or auto, "
                              f"got {self.attention_backend!r}")
-
-    @cached_property
-    def max_blocks_per_seq(self) -> int:
-        return math.ceil(self.max_model_len / self.block_size)
 
     @cached_property
     def kv_cache_bytes(self) -> int:
