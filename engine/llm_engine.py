@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,20 +9,20 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_manager import KVCacheManager
-from engine.config import EngineConfig, ModelConfig, parse_size, resolve_device, resolve_dtype
-from engine.loader import GGUFFile, ModelSource, hf_config, hf_weights, resolve_model
+from engine.capacity import (CapacityPlan, blocks_for_budget, plan_for_config,
+                             resolve_max_model_len)
+from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.loader import GGUFFile, hf_config, hf_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.models import CausalLM
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sampler import Sampler
+from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 logger = logging.getLogger("kvserve.engine")
-
-DEFAULT_CPU_KV_MEMORY = "1GiB"
-GPU_MEMORY_UTILIZATION = 0.9
 
 
 @dataclass
@@ -43,14 +42,38 @@ class LLMEngine:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config, model)
-        self.kv = KVCacheManager(config.num_kv_blocks, config.block_size)
+        self.kv = KVCacheManager(config.num_kv_blocks, config.block_size,
+                                 sliding_window=config.model.sliding_window,
+                                 enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, _Request] = {}
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        try:
+            self.sampler = Sampler(self.eos_token_ids)
+        except TypeError:  # TEMPORARY until the new sampler lands
+            self.sampler = Sampler()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
+                         "steps": 0}
+
+    @property
+    def stats(self) -> dict:
+        """Counters since start plus the current state (the server exports these)."""
+        kv, pool = self.kv, self.kv.pool
+        return {**self.counters,
+                "num_requests": len(self.requests),
+                "num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting),
+                "num_preemptions": self.scheduler.num_preemptions,
+                "kv_cache_usage": kv.usage,
+                "kv_blocks_used": pool.num_used,
+                "kv_blocks_cached_free": pool.num_cached_free,
+                "kv_blocks_total": pool.num_usable,
+                "prefix_cache_queries": kv.prefix_queries,
+                "prefix_cache_hits": kv.prefix_hits,
+                "prefix_cache_evictions": pool.num_evictions}
 
     # ---------------------------------------------------------------- construction
 
@@ -88,14 +111,9 @@ class LLMEngine:
         net.rope.to(torch.float32)
         logger.info("loaded %s (%s, %.0fM params) in %.1fs", source.name, model_cfg.architecture,
                     sum(p.numel() for p in net.parameters()) / 1e6, time.perf_counter() - t0)
-        num_blocks = num_kv_blocks or _blocks_for_budget(model_cfg, dt, dev, block_size,
-                                                         kv_cache_memory)
-        capacity = (num_blocks - 1) * block_size
-        if max_model_len is None:
-            max_model_len = min(model_cfg.max_position_embeddings, capacity)
-        elif max_model_len > capacity:
-            raise ValueError(f"max_model_len {max_model_len} needs more KV cache than the "
-                             f"{capacity} tokens available; raise num_kv_blocks/kv_cache_memory")
+        num_blocks = num_kv_blocks or blocks_for_budget(model_cfg, dt, dev, block_size,
+                                                        kv_cache_memory)
+        max_model_len = resolve_max_model_len(model_cfg, num_blocks, block_size, max_model_len)
         config = EngineConfig(model=model_cfg, dtype=dt, device=dev, block_size=block_size,
                               num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
@@ -105,6 +123,10 @@ class LLMEngine:
         logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB", num_blocks,
                     block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20)
         return cls(config, net, load_tokenizer(source), model_name=source.name)
+
+    def capacity(self, seq_len: int | None = None) -> CapacityPlan:
+        """Capacity planning numbers for this engine (what `kvserve info` prints)."""
+        return plan_for_config(self.config, seq_len, self.model_name)
 
     # ---------------------------------------------------------------- requests
 
@@ -126,8 +148,12 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
                   if self.tokenizer else None for _ in seqs]
         self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        # n > 1: one sequence computes the prompt; the others fork from it (sharing its
+        # blocks) when it samples its first token.
+        for child in seqs[1:]:
+            child.status = SequenceStatus.PENDING
+        seqs[0].pending_children = seqs[1:]
+        self.scheduler.add(seqs[0])
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -157,14 +183,24 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        seqs, tokens, logprobs = self.runner.execute(sched.seqs, sched.num_tokens)
+        seqs, logits = self.runner.execute(sched.seqs, sched.num_tokens, sched.copies)
         for seq, n in zip(sched.seqs, sched.num_tokens):
             seq.num_computed_tokens += n
-        self.stats["steps"] += 1
-        self.stats["prompt_tokens"] += sched.total_tokens - len(seqs)
-        self.stats["generation_tokens"] += len(seqs)
+            self.kv.cache_blocks(seq)
+            self.kv.evict_out_of_window(seq)
+        self.counters["steps"] += 1
+        self.counters["computed_tokens"] += sched.total_tokens
+        if not seqs:
+            return []
+        if any(seq.pending_children for seq in seqs):
+            seqs, logits = self._fork(seqs, logits)
+        tokens, logprobs = self._sample(logits, seqs)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        self.counters["generation_tokens"] += len(seqs)
         touched: dict[str, _Request] = {}
         for seq, token, logprob in zip(seqs, tokens, logprobs):
+            if seq.num_output_tokens == 0 and seq.index == 0:
+                self.counters["prompt_tokens"] += seq.num_prompt_tokens
             seq.token_ids.append(token)
             seq.cumulative_logprob += logprob
             req = self.requests[seq.request_id]
@@ -182,6 +218,25 @@ class LLMEngine:
                 del self.requests[req.request_id]
             outputs.append(out)
         return outputs
+
+    def _fork(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Children of n > 1 start from their parent's prompt: shared blocks, same logits."""
+        rows, out = [], []
+        for row, seq in enumerate(seqs):
+            rows.append(row)
+            out.append(seq)
+            for child in seq.pending_children:
+                self.scheduler.fork(seq, child)
+                rows.append(row)
+                out.append(child)
+            seq.pending_children = []
+        return out, logits[torch.tensor(rows, device=logits.device)]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        res = self.sampler(logits, seqs)
+        if isinstance(res, tuple):  # TEMPORARY until the new sampler lands
+            return res
+        return res.tokens, res.logprobs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -209,14 +264,3 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              finished=all(s.is_finished for s in req.seqs))
 
-
-def _blocks_for_budget(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                       block_size: int, budget: int | str | None) -> int:
-    if budget is None:
-        if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            budget = int(free - (1 - GPU_MEMORY_UTILIZATION) * total)
-        else:
-            budget = DEFAULT_CPU_KV_MEMORY
-    per_block = cfg.kv_bytes_per_token(dtype) * block_size
-    return max(2, math.floor(parse_size(budget) / per_block))

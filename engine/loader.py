@@ -5,8 +5,11 @@ import glob
 import importlib.metadata
 import importlib.util
 import json
+import mmap
 import os
+import struct
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -160,3 +163,82 @@ def _unpermute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
     rows = w.shape[0]
     return (w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+# ---------------------------------------------------------------- GGUF header
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class GGUFHeader:
+    """A GGUF file's key/values and tensor shapes, parsed straight from the header: ~50 ms,
+    where gguf.GGUFReader spends seconds making numpy views of every vocabulary string."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file")
+            self._buf, self._pos = buf, 4
+            try:
+                self._parse()
+            except struct.error as e:
+                raise ValueError(f"{path}: truncated GGUF header ({e})") from None
+            finally:
+                del self._buf
+        self.arch = self.fields.get("general.architecture")
+
+    def _parse(self) -> None:
+        self._order = "<" if struct.unpack_from("<I", self._buf, 4)[0] < 0x10000 else ">"
+        version, num_tensors, num_fields = self._read("IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: GGUF version {version} is not supported (2 or 3)")
+        self.fields: dict[str, object] = {}
+        for _ in range(num_fields):
+            key = self._string()
+            self.fields[key] = self._value(self._read("I")[0])
+        self.tensor_shapes: dict[str, tuple[int, ...]] = {}
+        for _ in range(num_tensors):
+            name = self._string()
+            ndim = self._read("I")[0]
+            self.tensor_shapes[name] = self._read(f"{ndim}Q")
+            self._read("IQ")  # type, data offset
+
+    def field(self, key: str, default=None):
+        return self.fields.get(key, default)
+
+    def config(self) -> ModelConfig:
+        # GGUFFile.config maps keys to a ModelConfig through .arch, .field() and the tensor
+        # names; run that same mapping on this header.
+        if self.arch != "llama":
+            raise ValueError(f"{self.path}: GGUF architecture {self.arch!r} is not supported "
+                             f"(supported: llama); use a Hugging Face directory instead")
+        tensors = [SimpleNamespace(name=name) for name in self.tensor_shapes]
+        view = SimpleNamespace(arch=self.arch, field=self.field,
+                               reader=SimpleNamespace(tensors=tensors))
+        return GGUFFile.config(view)
+
+    def _read(self, fmt: str) -> tuple:
+        fmt = self._order + fmt
+        values = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (n,) = self._read("Q")
+        self._pos += n
+        return bytes(self._buf[self._pos - n:self._pos]).decode("utf-8", errors="replace")
+
+    def _value(self, kind: int):
+        if kind == _GGUF_STRING:
+            return self._string()
+        if kind == _GGUF_ARRAY:
+            kind, count = self._read("IQ")
+            if kind in _GGUF_SCALARS:
+                return list(self._read(f"{count}{_GGUF_SCALARS[kind]}"))
+            return [self._value(kind) for _ in range(count)]
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"{self.path}: unknown GGUF value type {kind}")
+        return self._read(_GGUF_SCALARS[kind])[0]

@@ -7,7 +7,6 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
 from engine.models import CausalLM
-from engine.sampler import Sampler
 from engine.sequence import Sequence
 
 
@@ -23,20 +22,23 @@ class ModelRunner:
                                     m.num_kv_heads, m.head_dim, dtype=config.dtype,
                                     device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
-        self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, seqs: list[Sequence], num_tokens: list[int]):
-        """Run one step. Returns (sampling seqs, token ids [N], logprobs [N]) on the host."""
+    def execute(self, seqs: list[Sequence], num_tokens: list[int],
+                copies: list[tuple[int, int]] = ()) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run one step: copy-on-write block copies, then one forward over the flat batch.
+        Returns the sequences that reached their last token and their logits [N, V]."""
+        if copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         input_ids, positions, meta, sample_rows = self._prepare(seqs, num_tokens)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         sampling = [seqs[i] for i in sample_rows.tolist()]
         if not sampling:
-            return [], [], []
+            return [], None
         last = meta.cu_seqlens_q[1:].long() - 1
-        logits = self.model.compute_logits(hidden[last[torch.from_numpy(sample_rows).to(self.device)]])
-        tokens, logprobs = self.sampler(logits, sampling)
-        return sampling, tokens.tolist(), logprobs.tolist()
+        rows = last[torch.from_numpy(sample_rows).to(self.device)]
+        return sampling, self.model.compute_logits(hidden[rows])
 
     def _prepare(self, seqs: list[Sequence], num_tokens: list[int]):
         bs = self.config.block_size

@@ -19,6 +19,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)   # new tokens per scheduled seq
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # KV blocks to copy first
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -54,8 +55,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv.can_allocate(seq, n):
+            self.kv.evict_out_of_window(seq)
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # a prefill chunk shrinks to the free blocks; with none, preempt the newest
+            while (n := min(want, self.kv.max_new_tokens(seq))) == 0:
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -66,20 +69,51 @@ class Scheduler:
                 out.add(seq, n)
                 budget -= n
                 i += 1
-        if out.preempted:  # no room for newcomers this step
-            return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if not out.preempted:  # else no room for newcomers this step
+            self._admit(out, budget)
+        out.copies = self.kv.take_copies()
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        # With a sliding window a sequence's blocks are bounded: keep free what the running
+        # ones may still grow to, so admitting never forces a preemption later.
+        reserve = sum(self.kv.window_growth(s) for s in self.running)
+        bs = self.kv.block_size
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.can_allocate(seq, n, admit=bool(self.running)):
+            # a parent of n > 1 brings its children at its first sample; a lone request
+            # always fits an empty batch
+            width = 1 + len(seq.pending_children)
+            if self.running and len(self.running) + width > self.max_num_seqs:
                 break
+            hits = self.kv.match_prefix(seq)
+            cached = len(hits) * bs
+            n = min(seq.num_tokens - cached, budget)
+            if self.running:
+                holds = -(-(cached + n) // bs) - self.kv.num_dead_blocks(cached)
+                growth = self.kv.window_growth(seq, holds)
+                if n > self.kv.max_new_tokens(seq, True, hits, reserve + growth):
+                    break
+                reserve += growth
+            else:  # alone, any progress beats none (a window model's prompt can be
+                n = min(n, self.kv.max_new_tokens(seq, hits=hits))  # longer than the pool)
+                reserve += self.kv.window_growth(seq, -(-(cached + n) // bs)
+                                                 - self.kv.num_dead_blocks(cached))
+                if n == 0:
+                    break
             self.waiting.popleft()
-            self.kv.allocate(seq, n)
+            self.kv.allocate(seq, n, hits)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.add(seq, n)
             budget -= n
-        return out
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start child as a copy of parent sharing its KV blocks (n > 1, beam search)."""
+        self.kv.fork(parent, child)
+        child.token_ids = list(parent.token_ids)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute: drop the KV, keep the tokens; it re-enters at the head of the queue.
@@ -96,6 +130,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        for child in seq.pending_children:  # children that were never forked
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason = reason
+        seq.pending_children = []
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -11,6 +11,7 @@ from engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
+    PENDING = "pending"    # a child of n > 1 waiting for its parent's prompt to fork from
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -28,7 +29,10 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0          # tokens whose K/V are in the cache
-        self.block_ids: list[int] = []
+        self.block_ids: list[int] = []         # block table; NULL_BLOCK where evicted
+        self.block_hashes: list[int] = []      # chained hash of each full block of token_ids
+        self.num_cached_blocks = 0             # leading blocks published to the prefix cache
+        self.num_evicted_blocks = 0            # leading blocks freed by the sliding window
         self.params = params
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -36,6 +40,8 @@ class Sequence:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None  # made by the sampler on first use
+        self.pending_children: list[Sequence] = []  # n > 1: forked at this seq's first sample
+        self.sampler_state: object | None = None       # the sampler's own per-sequence state
 
     @property
     def num_tokens(self) -> int:

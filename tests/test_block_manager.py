@@ -81,12 +81,12 @@ def test_incref_keeps_block_until_last_holder_frees():
     pool.check_integrity([])
 
 
-def test_incref_of_free_block_asserts():
+def test_incref_of_free_block_asserts_and_null_is_ignored():
     pool = BlockPool(3)
     with pytest.raises(AssertionError):
         pool.incref([1])
-    with pytest.raises(AssertionError):
-        pool.incref([NULL_BLOCK])
+    pool.incref([NULL_BLOCK])  # forked tables carry null entries of evicted blocks
+    assert pool.ref_counts[NULL_BLOCK] == 0
 
 
 def test_double_free_asserts():

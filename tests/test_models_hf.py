@@ -65,6 +65,8 @@ def test_chunked_prefill_and_preemption_keep_tokens(pair, budget, blocks):
     """A tiny token budget splits prefills into chunks; a tiny pool forces preemption.
     Either way every request finishes with the tokens it gets when run alone."""
     kind, path, hf = pair
+    if kind == "mistral-window" and blocks == 9:
+        blocks = 4  # the window (8) keeps each sequence within 2 blocks: 9 would never preempt
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     roomy = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64, block_size=8)
     solo = [roomy.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids for ids in PROMPTS]

@@ -200,19 +200,29 @@ def test_preemption_under_tiny_pool_recomputes_newest_and_everyone_finishes():
     sim.assert_all_done()
 
 
-def test_seq_that_cannot_grow_preempts_itself_and_nobody_is_admitted():
+def test_prefill_chunk_shrinks_to_the_free_blocks_instead_of_preempting():
     # 6 usable blocks of 2 tokens, budget 6: a decodes, b prefills in chunks.
     sim = Sim(num_blocks=7, block_size=2, max_num_batched_tokens=6)
     a, b = sim.add(prompt_len=4, max_tokens=8), sim.add(prompt_len=10, max_tokens=1)
     assert scheduled(sim.step()) == {a: 4, b: 2}
     assert sim.pool.num_free == 3
-    out = sim.step()  # a takes 1 block; b's next 5 tokens need 3 more, 2 are free
+    out = sim.step()  # a takes 1 block; b's next 5 tokens need 3 blocks, 2 are left
+    assert scheduled(out) == {a: 1, b: 4} and not out.preempted
+    assert sim.pool.num_free == 0
+    sim.run()
+    sim.assert_all_done()
+
+
+def test_decode_that_cannot_grow_preempts_itself_and_nobody_is_admitted():
+    sim = Sim(num_blocks=4, block_size=2, max_num_batched_tokens=8)  # 3 usable blocks
+    a, b = sim.add(prompt_len=3, max_tokens=3), sim.add(prompt_len=2, max_tokens=3)
+    c = sim.add(prompt_len=1, max_tokens=1)
+    assert scheduled(sim.step()) == {a: 3, b: 2}  # no block left for c
+    out = sim.step()  # a's token 3 fits its block; b's token 2 needs one: b is the newest
     assert scheduled(out) == {a: 1} and out.preempted == [b]
-    assert b.num_computed_tokens == 0 and b.block_ids == []
-    assert list(sim.sched.waiting) == [b] and sim.sched.running == [a]
-    assert sim.pool.num_free == 3  # b would fit now, but not in the step that preempted it
-    out = sim.step()
-    assert scheduled(out) == {a: 1, b: 5} and not out.preempted
+    assert b.num_computed_tokens == 0 and b.block_ids == [] and b.num_output_tokens == 1
+    assert list(sim.sched.waiting) == [b, c] and sim.sched.running == [a]
+    assert sim.pool.num_free == 1  # c would fit now, but not in the step that preempted b
     sim.run()
     sim.assert_all_done()
 
