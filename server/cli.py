@@ -53,6 +53,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.capacity import plan_capacity, read_model_config
+    source, model_cfg = read_model_config(args.model)
+    plan = plan_capacity(model_cfg, dtype=args.dtype, device=args.device,
+                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                         kv_cache_memory=args.memory, max_model_len=args.max_model_len,
+                         seq_len=args.seq_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                         max_num_seqs=args.max_num_seqs, model_name=source.name)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
+    return 0
+
+
+def add_info_parser(sub) -> None:
+    info = sub.add_parser("info", help="parameters, KV bytes per token, KV blocks for a budget "
+                                       "and sequences that fit at once (loads no weights)")
+    info.add_argument("--model", default=None,
+                      help="default: SmolLM2-135M-Instruct; or a .gguf file or a Hugging Face dir")
+    info.add_argument("--memory", "--kv-cache-memory", dest="memory", default=None,
+                      help="KV budget, e.g. 2GiB (default: the engine's for the device)")
+    info.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --memory")
+    info.add_argument("--max-model-len", type=int, default=None)
+    info.add_argument("--seq-len", type=int, default=None,
+                      help="sequence length for 'fit at once' (default: max model len)")
+    info.add_argument("--block-size", type=int, default=16)
+    info.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    info.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    info.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    info.add_argument("--max-num-seqs", type=int, default=64)
+    info.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    info.set_defaults(func=cmd_info)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -66,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    add_info_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
