@@ -248,8 +248,8 @@ class KVCacheManager:
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest block-aligned prefix of seq's tokens, leaving
         at least the last token to compute.  Takes no reference."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         bs = self.block_size
         n = (seq.num_tokens - 1) // bs
         self._extend_hashes(seq, n)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from engine.beam_search import BeamSearchState, Hypothesis
 from engine.block_manager import KVCacheManager
 from engine.capacity import (CapacityPlan, blocks_for_budget, plan_for_config,
                              resolve_max_model_len)
@@ -15,12 +16,13 @@ from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.loader import GGUFFile, hf_config, hf_weights, resolve_model
 from engine.model_runner import ModelRunner
 from engine.models import CausalLM
+from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sampler import Sampler
+from engine.sampler import Sampler, compute_logprobs
 from engine.sequence import Sequence, SequenceStatus
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("kvserve.engine")
 
@@ -31,8 +33,10 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    seqs: list[Sequence]                 # beam search: the live beams
+    beam: BeamSearchState | None = None
+    prompt_logprobs: list | None = None  # the runner's raw rows, [None] first
+    formatted_prompt_logprobs: list | None = None
 
 
 class LLMEngine:
@@ -50,13 +54,18 @@ class LLMEngine:
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
-        try:
-            self.sampler = Sampler(self.eos_token_ids)
-        except TypeError:  # TEMPORARY until the new sampler lands
-            self.sampler = Sampler()
+        self.sampler = Sampler(frozenset(eos))
+        self.output = OutputProcessor(tokenizer, frozenset(eos), config.max_model_len)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "steps": 0}
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.output.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.output.eos_token_ids = self.sampler.eos_token_ids = frozenset(ids)
 
     @property
     def stats(self) -> dict:
@@ -143,11 +152,13 @@ class LLMEngine:
             text, ids = None, [int(t) for t in prompt]
         self._validate_prompt(ids)
         if params.use_beam_search:
-            raise ValueError("use_beam_search is not supported yet")
-        seqs = [Sequence(request_id, i, ids, params, arrival_time) for i in range(params.n)]
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-                  if self.tokenizer else None for _ in seqs]
-        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks)
+            seqs = [Sequence(request_id, 0, ids, params, arrival_time)]
+            req = _Request(request_id, text, ids, params, seqs, BeamSearchState(seqs[0]))
+        else:
+            seqs = [Sequence(request_id, i, ids, params, arrival_time) for i in range(params.n)]
+            req = _Request(request_id, text, ids, params, seqs)
+        req.prompt_logprobs = seqs[0].prompt_logprobs
+        self.requests[request_id] = req
         # n > 1: one sequence computes the prompt; the others fork from it (sharing its
         # blocks) when it samples its first token.
         for child in seqs[1:]:
@@ -194,30 +205,129 @@ class LLMEngine:
             return []
         if any(seq.pending_children for seq in seqs):
             seqs, logits = self._fork(seqs, logits)
-        tokens, logprobs = self._sample(logits, seqs)
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()
         self.counters["generation_tokens"] += len(seqs)
-        touched: dict[str, _Request] = {}
-        for seq, token, logprob in zip(seqs, tokens, logprobs):
+        for seq in seqs:
             if seq.num_output_tokens == 0 and seq.index == 0:
                 self.counters["prompt_tokens"] += seq.num_prompt_tokens
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            req = self.requests[seq.request_id]
-            detok = req.detoks[seq.index]
-            if detok is not None:
-                detok.step(seq.output_token_ids)
-            reason = self._finish_reason(seq, token)
-            if reason:
-                self.scheduler.finish(seq, reason)
-            touched[seq.request_id] = req
+        touched: dict[str, _Request] = {}
+        if any(seq.params.use_beam_search for seq in seqs):
+            seqs, logits = self._beam_candidates(seqs, logits, touched)
+        if seqs:
+            self._sample(seqs, logits, touched)
         outputs = []
         for req in touched.values():
-            out = self._output(req)
-            if out.finished:
+            if req.beam is not None:
+                if not req.beam.ready():
+                    continue
+                self._beam_step(req)
+                if not req.beam.done:
+                    continue
+            res = self._output(req)
+            if res.finished:
                 del self.requests[req.request_id]
-            outputs.append(out)
+            outputs.append(res)
         return outputs
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
+                touched: dict[str, _Request]) -> None:
+        out = self.sampler(logits, seqs)
+        tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
+        tops = None
+        if out.top_ids is not None:
+            tops = (out.ranks.tolist(), out.top_ids.tolist(), out.top_logprobs.tolist())
+        for row, seq in enumerate(seqs):
+            top = None
+            if tops and seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = (tops[0][row], tops[1][row][:k], tops[2][row][:k])
+            reason = self.output.append(seq, tokens[row], logprobs[row], top)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            touched[seq.request_id] = self.requests[seq.request_id]
+
+    # ---------------------------------------------------------------- beam search
+
+    def _beam_candidates(self, seqs: list[Sequence], logits: torch.Tensor,
+                         touched: dict[str, _Request]):
+        """Give every beam row its top 2B next tokens; return the other rows."""
+        beam = [i for i, s in enumerate(seqs) if s.params.use_beam_search]
+        rest = [i for i, s in enumerate(seqs) if not s.params.use_beam_search]
+        k = max(max(2 * seqs[i].params.beam_width, seqs[i].params.logprobs or 0) for i in beam)
+        lp = compute_logprobs(logits[torch.tensor(beam, device=logits.device)])
+        top_lp, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for row, i in enumerate(beam):
+            seq = seqs[i]
+            seq.beam_candidates = (top_ids[row], top_lp[row])
+            touched[seq.request_id] = self.requests[seq.request_id]
+        if not rest:
+            return [], None
+        return [seqs[i] for i in rest], logits[torch.tensor(rest, device=logits.device)]
+
+    def _beam_step(self, req: _Request) -> None:
+        st, p = req.beam, req.params
+        eos = self.eos_token_ids
+
+        def classify(beam: Sequence, token: int) -> str | None:
+            stops = token in p.stop_token_ids or (not p.ignore_eos and token in eos)
+            if not stops:
+                return None
+            return "stop" if beam.num_output_tokens + 1 > p.min_tokens else "skip"
+
+        keep, close = st.rank(classify)
+        for c in close:
+            st.finished.append(Hypothesis(c.beam.output_token_ids + [c.token], c.score, "stop",
+                                          self._beam_logprobs(c.beam, c.token, c.logprob)))
+        kids: dict[int, list] = {}
+        for c in keep:
+            kids.setdefault(c.beam.seq_id, []).append(c)
+        live = []
+        for beam in st.live:
+            mine = kids.get(beam.seq_id, [])
+            if not mine:
+                self.scheduler.finish(beam, "abort")  # pruned: its blocks go back
+                continue
+            for c in mine[1:]:  # fork before the beam itself moves on
+                child = Sequence(req.request_id, st.next_index(), req.prompt_token_ids, p,
+                                 beam.arrival_time)
+                self.scheduler.fork(beam, child)
+                live.append((child, c))
+            live.append((beam, mine[0]))
+        st.live = []
+        for seq, c in live:
+            top = self._beam_top(c.beam, c.token)
+            self.output.append_token(seq, c.token, c.logprob, top)
+            seq.beam_candidates = None
+            if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) \
+                    or seq.num_tokens >= self.config.max_model_len:
+                st.finished.append(Hypothesis(seq.output_token_ids, seq.cumulative_logprob,
+                                              "length", seq.logprobs))
+                self.scheduler.finish(seq, "length")
+            else:
+                st.live.append(seq)
+        for seq in st.live:  # parents' candidates are consumed too
+            seq.beam_candidates = None
+        if st.should_stop():
+            for seq in st.live:
+                self.scheduler.finish(seq, "length")
+            st.live, st.done = [], True
+        req.seqs = st.live
+
+    @staticmethod
+    def _beam_top(beam: Sequence, token: int):
+        """(rank, top ids, top logprobs) of token among beam's candidates, for logprobs."""
+        if beam.logprobs is None:
+            return None
+        ids, lps = beam.beam_candidates
+        k = beam.params.logprobs
+        return ids.index(token) + 1, ids[:k], lps[:k]
+
+    def _beam_logprobs(self, beam: Sequence, token: int, logprob: float):
+        if beam.logprobs is None:
+            return None
+        probe = Sequence(beam.request_id, -1, [], beam.params)
+        self.output.append_token(probe, token, logprob, self._beam_top(beam, token))
+        return beam.logprobs + probe.logprobs
 
     def _fork(self, seqs: list[Sequence], logits: torch.Tensor):
         """Children of n > 1 start from their parent's prompt: shared blocks, same logits."""
@@ -232,35 +342,20 @@ class LLMEngine:
             seq.pending_children = []
         return out, logits[torch.tensor(rows, device=logits.device)]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
-        res = self.sampler(logits, seqs)
-        if isinstance(res, tuple):  # TEMPORARY until the new sampler lands
-            return res
-        return res.tokens, res.logprobs
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if seq.num_output_tokens > p.min_tokens:  # token index >= min_tokens may stop
-            if token in p.stop_token_ids:
-                return "stop"
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop"
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.config.max_model_len:
-            return "length"
-        return None
-
     def _output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for seq, detok in zip(req.seqs, req.detoks):
-            outs.append(CompletionOutput(
-                index=seq.index,
-                text=detok.text if detok else "",
-                token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob,
-                finish_reason=seq.finish_reason,
-            ))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             finished=all(s.is_finished for s in req.seqs))
-
+        raw = req.prompt_logprobs
+        if raw is not None and req.formatted_prompt_logprobs is None \
+                and len(raw) == len(req.prompt_token_ids):
+            req.formatted_prompt_logprobs = self.output.prompt_logprobs(raw)
+        if req.beam is not None:
+            skip = req.params.skip_special_tokens
+            outs = [CompletionOutput(i, self.output.text(h.token_ids, skip), h.token_ids,
+                                     h.cumulative_logprob, h.logprobs,
+                                     h.finish_reason if req.beam.done else "abort")
+                    for i, h in enumerate(req.beam.best(req.params.n))]
+            return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                                 finished=True, prompt_logprobs=req.formatted_prompt_logprobs)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                             [self.output.completion(seq) for seq in req.seqs],
+                             finished=all(s.is_finished for s in req.seqs),
+                             prompt_logprobs=req.formatted_prompt_logprobs)

@@ -7,6 +7,7 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
 from engine.models import CausalLM
+from engine.sampler import compute_logprobs
 from engine.sequence import Sequence
 
 
@@ -33,12 +34,35 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         input_ids, positions, meta, sample_rows = self._prepare(seqs, num_tokens)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if any(s.prompt_logprobs is not None for s in seqs):
+            self._prompt_logprobs(seqs, num_tokens, hidden)
         sampling = [seqs[i] for i in sample_rows.tolist()]
         if not sampling:
             return [], None
         last = meta.cu_seqlens_q[1:].long() - 1
         rows = last[torch.from_numpy(sample_rows).to(self.device)]
         return sampling, self.model.compute_logits(hidden[rows])
+
+    def _prompt_logprobs(self, seqs: list[Sequence], num_tokens: list[int],
+                         hidden: torch.Tensor) -> None:
+        """Teacher-forced scores of the prompt tokens this step's chunks predict, appended
+        to seq.prompt_logprobs as (token, logprob, rank, top ids, top logprobs)."""
+        offset = 0
+        for seq, n in zip(seqs, num_tokens):
+            start, scored = seq.num_computed_tokens, seq.prompt_logprobs
+            lo = max(start, len(scored) - 1)  # position p predicts prompt token p + 1
+            hi = min(start + n, seq.num_prompt_tokens - 1)
+            if scored is not None and lo < hi:
+                lp = compute_logprobs(self.model.compute_logits(
+                    hidden[offset + lo - start:offset + hi - start]))
+                target = torch.tensor(seq.token_ids[lo + 1:hi + 1], device=lp.device)
+                chosen = lp.gather(1, target[:, None])
+                ranks = (lp > chosen).sum(-1) + 1
+                k = seq.params.prompt_logprobs
+                top_lp, top_ids = lp.topk(k, dim=-1)  # k = 0: empty
+                scored.extend(zip(target.tolist(), chosen[:, 0].tolist(), ranks.tolist(),
+                                  top_ids.tolist(), top_lp.tolist()))
+            offset += n
 
     def _prepare(self, seqs: list[Sequence], num_tokens: list[int]):
         bs = self.config.block_size

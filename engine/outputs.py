@@ -5,12 +5,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None          # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per output token, when asked for
     finish_reason: str | None = None   # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None
 
@@ -26,4 +33,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
-    prompt_logprobs: list | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first entry None

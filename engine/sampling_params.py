@@ -64,6 +64,8 @@ class SamplingParams:
         _check(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
                f"must be >= 1, got {self.beam_width}")
         _check(_finite(self.length_penalty), "length_penalty", "must be a finite number")
+        _check(not self.use_beam_search or self.n <= self.beam_width, "n",
+               f"must be <= beam_width ({self.beam_width}) with beam search, got {self.n}")
 
     @property
     def greedy(self) -> bool:

@@ -52,11 +52,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if self.kv.sliding_window is not None:
+            for seq in self.running:  # also those the budget does not reach this step
+                self.kv.evict_out_of_window(seq)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            self.kv.evict_out_of_window(seq)
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if want == 0:  # a beam waiting for its siblings to catch up: nothing to compute
+                i += 1
+                continue
             # a prefill chunk shrinks to the free blocks; with none, preempt the newest
             while (n := min(want, self.kv.max_new_tokens(seq))) == 0:
                 victim = self.running.pop()
@@ -79,12 +84,13 @@ class Scheduler:
         # ones may still grow to, so admitting never forces a preemption later.
         reserve = sum(self.kv.window_growth(s) for s in self.running)
         bs = self.kv.block_size
+        # a parent of n > 1 brings its children at its first sample: they hold seats from
+        # its admission on; a lone request always fits an empty batch
+        seats = sum(1 + len(s.pending_children) for s in self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            # a parent of n > 1 brings its children at its first sample; a lone request
-            # always fits an empty batch
             width = 1 + len(seq.pending_children)
-            if self.running and len(self.running) + width > self.max_num_seqs:
+            if self.running and seats + width > self.max_num_seqs:
                 break
             hits = self.kv.match_prefix(seq)
             cached = len(hits) * bs
@@ -107,11 +113,15 @@ class Scheduler:
             self.running.append(seq)
             out.add(seq, n)
             budget -= n
+            seats += width
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start child as a copy of parent sharing its KV blocks (n > 1, beam search)."""
         self.kv.fork(parent, child)
         child.token_ids = list(parent.token_ids)
+        child.cumulative_logprob = parent.cumulative_logprob
+        if parent.logprobs is not None:
+            child.logprobs = list(parent.logprobs)
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 

@@ -37,6 +37,13 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.cumulative_logprob = 0.0
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict | None] | None = \
+            [None] if params.prompt_logprobs is not None else None
+        self.detok = None                      # IncrementalDetokenizer, made on first token
+        self.stop_reason: int | str | None = None   # the stop token id or stop string
+        self.beam_candidates: tuple[list[int], list[float]] | None = None  # next-token top 2B
+        self.stop_text_end: int | None = None  # where a matched stop string starts in the text
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None  # made by the sampler on first use
