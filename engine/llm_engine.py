@@ -35,6 +35,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]                 # beam search: the live beams
     beam: BeamSearchState | None = None
+    first: Sequence | None = None        # the sequence that was scheduled first
     prompt_logprobs: list | None = None  # the runner's raw rows, [None] first
     formatted_prompt_logprobs: list | None = None
 
@@ -158,6 +159,7 @@ class LLMEngine:
             seqs = [Sequence(request_id, i, ids, params, arrival_time) for i in range(params.n)]
             req = _Request(request_id, text, ids, params, seqs)
         req.prompt_logprobs = seqs[0].prompt_logprobs
+        req.first = seqs[0]
         self.requests[request_id] = req
         # n > 1: one sequence computes the prompt; the others fork from it (sharing its
         # blocks) when it samples its first token.
@@ -354,8 +356,10 @@ class LLMEngine:
                                      h.finish_reason if req.beam.done else "abort")
                     for i, h in enumerate(req.beam.best(req.params.n))]
             return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                                 finished=True, prompt_logprobs=req.formatted_prompt_logprobs)
+                                 finished=True, prompt_logprobs=req.formatted_prompt_logprobs,
+                                 first_scheduled_time=req.first.first_scheduled_time)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              [self.output.completion(seq) for seq in req.seqs],
                              finished=all(s.is_finished for s in req.seqs),
-                             prompt_logprobs=req.formatted_prompt_logprobs)
+                             prompt_logprobs=req.formatted_prompt_logprobs,
+                             first_scheduled_time=req.first.first_scheduled_time)

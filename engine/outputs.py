@@ -34,3 +34,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first entry None
+    first_scheduled_time: float | None = None   # time.monotonic() when it first ran

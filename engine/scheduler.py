@@ -7,6 +7,7 @@ When blocks run out the newest running sequence is preempted by recompute.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -110,6 +111,8 @@ class Scheduler:
             self.waiting.popleft()
             self.kv.allocate(seq, n, hits)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             out.add(seq, n)
             budget -= n

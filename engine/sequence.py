@@ -46,6 +46,7 @@ class Sequence:
         self.stop_text_end: int | None = None  # where a matched stop string starts in the text
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None  # time.monotonic() at first admission
         self.generator: torch.Generator | None = None  # made by the sampler on first use
         self.pending_children: list[Sequence] = []  # n > 1: forked at this seq's first sample
         self.sampler_state: object | None = None       # the sampler's own per-sequence state

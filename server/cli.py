@@ -1,4 +1,4 @@
-"""`kvserve` command line: generate (offline, one prompt); serve and bench come later."""
+"""`kvserve` command line: serve (the HTTP API), generate (offline, one prompt), info (capacity)."""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +87,14 @@ def add_info_parser(sub) -> None:
     info.set_defaults(func=cmd_info)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+    return serve(engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key,
+                 max_queue=args.max_queue, request_timeout=args.request_timeout,
+                 shutdown_timeout=args.shutdown_timeout,
+                 served_model_name=args.served_model_name, log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -101,6 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
     add_info_parser(sub)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' (not on /health, /metrics)")
+    srv.add_argument("--max-queue", type=int, default=None,
+                     help="waiting requests beyond this get 429 + Retry-After")
+    srv.add_argument("--request-timeout", type=float, default=None,
+                     help="seconds; a request past it ends with finish_reason 'timeout'")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds running requests get to finish after SIGTERM")
+    srv.add_argument("--served-model-name", default=None)
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

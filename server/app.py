@@ -1,0 +1,454 @@
+"""The OpenAI-compatible HTTP API over an AsyncEngine.
+
+Routes: /v1/completions, /v1/chat/completions (both stream as SSE), /v1/models, /health,
+/metrics, /tokenize, /detokenize, /version.  Every error is OpenAI's shape
+{"error": {"message", "type", "param", "code"}}: bad input is 400 (FastAPI's 422 remapped),
+an unknown model 404, a missing/wrong API key 401, a full queue 429 with Retry-After, a
+failed or stopping engine 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import RequestOutput, SamplingParams
+from server.async_engine import AsyncEngine, Draining, EngineDead, QueueFull
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                             TokenizeRequest)
+
+VERSION = "0.1.0"
+OPEN_PATHS = {"/health", "/metrics"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _bad(e: ValueError) -> APIError:
+    message = str(e)
+    param = message.split(" ", 1)[0].rstrip(":") if message else None
+    return APIError(400, message, param=param if param and param.isidentifier() else None)
+
+
+def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
+              api_key: str | None = None) -> FastAPI:
+    eng = aengine.engine
+    model_name = served_model_name or eng.model_name
+    max_model_len = eng.config.max_model_len
+    # the engine thread detokenizes with its own tokenizer; a transformers tokenizer object
+    # used from two threads at once can fail ("Already borrowed")
+    tokenizer = copy.deepcopy(eng.tokenizer) if eng.tokenizer is not None else None
+    created = int(time.time())
+    app = FastAPI(title="kvserve", version=VERSION)
+    app.state.aengine = aengine
+
+    # ---------------------------------------------------------------- errors and auth
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+        param = loc[0] if loc else None
+        message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: "
+                            f"{err.get('msg')}" for err in errors[:5]) or "invalid request"
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail),
+                              "not_found_error" if e.status_code == 404 else "invalid_request_error")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode(), api_key.encode()):
+                return error_response(401, "invalid or missing API key (Authorization: Bearer "
+                                      "<key>)", "authentication_error")
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
+
+    def need_tokenizer() -> None:
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+
+    # ---------------------------------------------------------------- simple routes
+
+    @app.get("/health")
+    async def health():
+        if not aengine.healthy:
+            return error_response(503, f"the engine failed: {aengine.error!r}", "server_error")
+        if aengine.draining:
+            return error_response(503, "shutting down", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        m = aengine.metrics
+        return Response(m.render() if m else b"", media_type="text/plain; version=0.0.4")
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "kvserve",
+            "root": eng.model_name, "max_model_len": max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        need_tokenizer()
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = _chat_ids(body.messages, body.add_generation_prompt)
+        else:
+            ids = tokenizer.encode(body.prompt) if body.add_special_tokens else \
+                tokenizer.hf.encode(body.prompt, add_special_tokens=False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        need_tokenizer()
+        vocab = eng.config.model.vocab_size
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, False)}
+
+    def _chat_ids(messages, add_generation_prompt: bool) -> list[int]:
+        try:
+            conv = [{"role": m.role, "content": m.text()} for m in messages]
+            return tokenizer.apply_chat_template(conv, add_generation_prompt)
+        except ValueError as e:
+            raise _bad(e) from None
+        except Exception as e:  # a template that rejects the conversation (e.g. roles)
+            raise APIError(400, f"messages: the chat template failed: {e}",
+                           param="messages") from None
+
+    # ---------------------------------------------------------------- generation
+
+    def prompt_ids(prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            need_tokenizer()
+            return [tokenizer.encode(prompt)]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        if isinstance(prompt[0], str):
+            need_tokenizer()
+            return [tokenizer.encode(p) for p in prompt]
+        return [list(p) for p in prompt]
+
+    def limit_tokens(ids: list[int], max_tokens: int | None) -> int:
+        if len(ids) >= max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} "
+                           f"tokens. However, your prompt has {len(ids)} tokens.", param="prompt")
+        if max_tokens is None:
+            return max_model_len - len(ids)
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        if len(ids) + max_tokens > max_model_len:
+            raise APIError(400, f"This model's maximum context length is {max_model_len} "
+                           f"tokens. However, you requested {len(ids) + max_tokens} tokens "
+                           f"({len(ids)} in the prompt, {max_tokens} in the completion). "
+                           f"Please reduce the length of the prompt or completion.",
+                           param="max_tokens")
+        return max_tokens
+
+    async def start(rid: str, ids: list[int], params: SamplingParams):
+        try:
+            return await aengine.add_request(rid, ids, params)
+        except ValueError as e:
+            raise _bad(e) from None
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from None
+        except (Draining, EngineDead) as e:
+            raise APIError(503, str(e), "server_error") from None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of is not supported (use n, or use_beam_search)",
+                           param="best_of")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.echo and body.stream:
+            raise APIError(400, "echo is not supported with stream", param="echo")
+        prompts = prompt_ids(body.prompt)
+        jobs = []
+        for ids in prompts:
+            max_tokens = limit_tokens(ids, body.max_tokens)
+            try:
+                params = body.sampling_params(max_tokens, body.logprobs)
+            except ValueError as e:
+                raise _bad(e) from None
+            jobs.append((ids, params))
+        return await _run(request, "cmpl", jobs, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        need_tokenizer()
+        if body.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise APIError(400, "response_format other than text is not supported",
+                           param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        ids = _chat_ids(body.messages, body.add_generation_prompt)
+        max_tokens = limit_tokens(ids, body.max_completion_tokens or body.max_tokens)
+        try:
+            params = body.sampling_params(max_tokens, (body.top_logprobs or 0)
+                                          if body.logprobs else None)
+        except ValueError as e:
+            raise _bad(e) from None
+        return await _run(request, "chatcmpl", [(ids, params)], body, chat=True)
+
+    async def _run(request: Request, kind: str, jobs, body, chat: bool):
+        base = f"{kind}-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for i, (ids, params) in enumerate(jobs):
+                streams.append(await start(f"{base}-{i}", ids, params))
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        fmt = _Formatter(base, model_name, chat, body, jobs, tokenizer)
+        if body.stream:
+            return StreamingResponse(_sse(streams, fmt), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await _collect(request, streams, fmt)
+
+    async def _collect(request: Request, streams, fmt: "_Formatter"):
+        finals: list[RequestOutput | None] = [None] * len(streams)
+
+        async def one(i, s):
+            async for out in s:
+                finals[i] = out
+        tasks = [asyncio.ensure_future(one(i, s)) for i, s in enumerate(streams)]
+        try:
+            while not all(t.done() for t in tasks):
+                done, _ = await asyncio.wait(tasks, timeout=0.5)
+                for t in done:
+                    if t.exception() is not None:
+                        raise t.exception()
+                if await request.is_disconnected():
+                    raise asyncio.CancelledError
+            for t in tasks:
+                t.result()
+        except EngineDead as e:
+            raise APIError(503, str(e), "server_error") from None
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                s.abort()
+        return fmt.full(finals)
+
+    async def _sse(streams, fmt: "_Formatter") -> AsyncIterator[bytes]:
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, s):
+            try:
+                async for out in s:
+                    await merged.put((i, out))
+            except BaseException as e:  # noqa: BLE001 - reported as an error event
+                await merged.put((i, e))
+            finally:
+                await merged.put((i, None))
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        open_streams = len(streams)
+        try:
+            for chunk in fmt.start_chunks():
+                yield _event(chunk)
+            while open_streams:
+                i, item = await merged.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    kind = "server_error"
+                    yield _event({"error": {"message": str(item) or repr(item), "type": kind,
+                                            "param": None, "code": 503}})
+                    return
+                else:
+                    for chunk in fmt.delta_chunks(i, item):
+                        yield _event(chunk)
+            usage = fmt.usage_chunk()
+            if usage is not None:
+                yield _event(usage)
+            yield b"data: [DONE]\n\n"
+        finally:  # a client that goes away cancels this generator: free its requests
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                s.abort()
+
+    return app
+
+
+def _event(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+class _Formatter:
+    """Turns RequestOutputs into OpenAI response bodies and stream chunks."""
+
+    def __init__(self, rid: str, model: str, chat: bool, body, jobs, tokenizer):
+        self.id, self.model, self.chat, self.body = rid, model, chat, body
+        self.created = int(time.time())
+        self.n = body.n
+        self.prompts = [ids for ids, _ in jobs]
+        self.tokenizer = tokenizer
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.finished: set[int] = set()
+        self.completion_tokens: dict[int, int] = {}
+        opts = body.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+
+    @property
+    def object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _chunk(self, choices) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def start_chunks(self):
+        if self.chat:
+            yield self._chunk([{"index": j, "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None, "finish_reason": None}
+                               for j in range(self.n)])
+
+    def delta_chunks(self, i: int, out: RequestOutput):
+        choices = []
+        for c in out.outputs:
+            index = i * self.n + c.index
+            if index in self.finished:
+                continue
+            start_t, start_k = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
+            text, new_tokens = c.text[start_t:], len(c.token_ids) - start_k
+            self.completion_tokens[index] = len(c.token_ids)
+            if not text and not c.finish_reason and not (new_tokens and c.logprobs):
+                continue
+            self.sent_text[index] = len(c.text)
+            self.sent_tokens[index] = len(c.token_ids)
+            logprobs = self._logprobs(c, start_k, start_t) if c.logprobs else None
+            if c.finish_reason:
+                self.finished.add(index)
+            if self.chat:
+                choices.append({"index": index, "delta": {"content": text} if text else {},
+                                "logprobs": logprobs, "finish_reason": c.finish_reason})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": logprobs,
+                                "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason})
+        if choices:
+            yield self._chunk(choices)
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(self.completion_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def usage_chunk(self):
+        if not self.include_usage:
+            return None
+        return {**self._chunk([]), "usage": self.usage()}
+
+    def full(self, finals: list[RequestOutput]) -> dict:
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                index = i * self.n + c.index
+                self.completion_tokens[index] = len(c.token_ids)
+                logprobs = self._logprobs(c, 0, 0) if c.logprobs else None
+                if self.chat:
+                    choices.append({"index": index, "message": {"role": "assistant",
+                                                                "content": c.text},
+                                    "logprobs": logprobs, "finish_reason": c.finish_reason})
+                else:
+                    text = c.text
+                    if self.body.echo:
+                        text = (out.prompt or self._decode(out.prompt_token_ids)) + text
+                    choices.append({"index": index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": c.finish_reason,
+                                    "stop_reason": c.stop_reason})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model,
+                "choices": sorted(choices, key=lambda c: c["index"]), "usage": self.usage()}
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, False) if self.tokenizer else ""
+
+    def _logprobs(self, c, start: int, text_offset: int):
+        entries = c.logprobs[start:]
+        tokens = c.token_ids[start:]
+        if self.chat:
+            content = []
+            n = self.body.top_logprobs or 0
+            for t, entry in zip(tokens, entries):
+                chosen = entry[t]
+                piece = chosen.decoded_token or ""
+                top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= n),
+                             key=lambda lp: lp.rank)
+                content.append({"token": piece, "logprob": chosen.logprob,
+                                "bytes": list(piece.encode()),
+                                "top_logprobs": [{"token": lp.decoded_token or "",
+                                                  "logprob": lp.logprob,
+                                                  "bytes": list((lp.decoded_token or "").encode())}
+                                                 for lp in top]})
+            return {"content": content}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = text_offset
+        k = self.body.logprobs or 0
+        for t, entry in zip(tokens, entries):
+            chosen = entry[t]
+            piece = chosen.decoded_token or ""
+            out["tokens"].append(piece)
+            out["token_logprobs"].append(chosen.logprob)
+            top = {lp.decoded_token or "": lp.logprob for lp in entry.values()
+                   if lp.rank is not None and lp.rank <= k}
+            out["top_logprobs"].append({piece: chosen.logprob, **top})
+            out["text_offset"].append(offset)
+            offset += len(piece)
+        return out

@@ -1,0 +1,300 @@
+"""The engine in its own thread, fed from the event loop through a thread-safe inbox.
+
+The event loop never runs a step: `add_request` posts a command and awaits the engine
+thread's answer (accepted, or the ValueError that names the bad field); outputs come back
+per request through an asyncio.Queue filled with `loop.call_soon_threadsafe`.  The thread
+steps while there is work and sleeps on the inbox when there is none.
+
+Failure modes handled here: a full waiting queue (QueueFull -> 429), a request past its
+deadline (aborted, finish_reason "timeout"), a client that goes away (abort), an exception
+inside a step (every stream ends with EngineDead, /health turns 503), and shutdown (stop
+admitting, drain, abort the rest).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine import LLMEngine, RequestOutput, SamplingParams
+
+logger = logging.getLogger("kvserve.server")
+
+
+class QueueFull(Exception):
+    """More requests wait than --max-queue allows."""
+
+
+class EngineDead(Exception):
+    """The engine failed (or shut down) and takes no more requests."""
+
+
+class Draining(Exception):
+    """The server is shutting down and admits nothing new."""
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    deadline: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_tokens: int = 0
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+_ACCEPTED = object()
+_FINISHED = object()
+
+
+class RequestStream:
+    """What add_request returns: iterate it for the request's outputs."""
+
+    def __init__(self, engine: "AsyncEngine", stream: _Stream):
+        self._engine = engine
+        self._stream = stream
+        self.request_id = stream.request_id
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item is _FINISHED:
+            self.finished = True
+            raise StopAsyncIteration
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 request_timeout: float | None = None, metrics=None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}   # owned by the engine thread
+        self._lock = threading.Lock()
+        self._pending_adds = 0                   # posted, not yet taken by the thread
+        self._num_waiting = 0                    # the scheduler's queue, published per step
+        self._num_requests = 0
+        self.error: BaseException | None = None
+        self.draining = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        # test hook: raise inside the step with this number (engine-fault tests)
+        self._fault_at = int(os.environ.get("KVSERVE_FAULT_AT_STEP", "0") or 0)
+
+    # ---------------------------------------------------------------- event-loop side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._num_requests + self._pending_adds
+
+    async def add_request(self, request_id: str, prompt: list[int],
+                          params: SamplingParams) -> RequestStream:
+        if self.error is not None or not self._thread.is_alive():
+            raise EngineDead(f"the engine is not running: {self.error!r}")
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if self.max_queue is not None and self._num_waiting + self._pending_adds >= self.max_queue:
+            raise QueueFull(f"{self._num_waiting + self._pending_adds} requests are waiting "
+                            f"(--max-queue {self.max_queue}); retry later")
+        stream = _Stream(request_id, asyncio.get_running_loop())
+        if self.request_timeout:
+            stream.deadline = stream.arrival + self.request_timeout
+        with self._lock:
+            self._pending_adds += 1
+        self._inbox.put(("add", request_id, prompt, params, stream))
+        try:
+            ack = await stream.queue.get()
+        except asyncio.CancelledError:  # the client left before the engine took it
+            self.abort(request_id)
+            raise
+        if isinstance(ack, BaseException):
+            raise ack
+        return RequestStream(self, stream)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def call(self, fn):
+        """Run fn(engine) on the engine thread (e.g. tokenizer-free state reads) and wait."""
+        done = threading.Event()
+        box = {}
+
+        def job(engine):
+            try:
+                box["value"] = fn(engine)
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                box["error"] = e
+            done.set()
+        self._inbox.put(("call", job))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting, let running requests finish for up to `timeout` seconds, abort
+        the rest; returns how many were aborted."""
+        self.draining = True
+        end = time.monotonic() + timeout
+        while self.num_unfinished and time.monotonic() < end and self.healthy:
+            await asyncio.sleep(0.05)
+        left = self.num_unfinished
+        if left:
+            self._inbox.put(("abort_all",))
+            while self.num_unfinished and self.healthy and time.monotonic() < end + 5:
+                await asyncio.sleep(0.02)
+        return left
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        steps = 0
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not engine.has_unfinished_requests())
+                if self._stop.is_set():
+                    break
+                self._expire()
+                if not engine.has_unfinished_requests():
+                    continue
+                steps += 1
+                if self._fault_at and steps == self._fault_at:
+                    raise RuntimeError(f"injected engine fault at step {steps}")
+                t0 = time.monotonic()
+                outputs = engine.step()
+                self._publish(outputs, t0)
+        except BaseException as e:  # noqa: BLE001 - every stream must hear about it
+            logger.exception("engine step failed; failing every request")
+            self.error = e
+            for stream in list(self._streams.values()):
+                stream.put(EngineDead(f"the engine failed: {e!r}"))
+            self._streams.clear()
+            self._num_requests = 0
+            while True:  # answer whatever is still in the inbox
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    with self._lock:
+                        self._pending_adds -= 1
+                    cmd[4].put(EngineDead(f"the engine failed: {e!r}"))
+                elif cmd[0] == "call":
+                    cmd[1](engine)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            kind = cmd[0]
+            if kind == "add":
+                self._add(*cmd[1:])
+            elif kind == "abort":
+                self._abort(cmd[1], None)
+            elif kind == "abort_all":
+                for rid in list(self._streams):
+                    self._abort(rid, None)
+            elif kind == "call":
+                cmd[1](self.engine)
+            self._num_requests = len(self._streams)
+
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams,
+             stream: _Stream) -> None:
+        with self._lock:
+            self._pending_adds -= 1
+        if request_id in self._streams:
+            stream.put(ValueError(f"request id {request_id!r} is already running"))
+            return
+        try:
+            self.engine.add_request(request_id, prompt, params, arrival_time=stream.arrival)
+        except ValueError as e:
+            stream.put(e)
+            return
+        self._streams[request_id] = stream
+        if self.metrics:
+            self.metrics.on_added(stream)
+        stream.put(_ACCEPTED)
+
+    def _abort(self, request_id: str, reason: str | None) -> None:
+        stream = self._streams.pop(request_id, None)
+        out = self.engine.abort_request(request_id)
+        if stream is None or out is None:
+            return
+        if reason:
+            for c in out.outputs:
+                if c.finish_reason == "abort":
+                    c.finish_reason = reason
+        if self.metrics:
+            self.metrics.on_finished(stream, out)
+        stream.put(out)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid, stream in list(self._streams.items()):
+            if stream.deadline is not None and now >= stream.deadline:
+                self._abort(rid, "timeout")
+
+    def _publish(self, outputs: list[RequestOutput], t0: float) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if stream.scheduled_time is None:
+                stream.scheduled_time = out.first_scheduled_time
+            if self.metrics:
+                self.metrics.on_output(stream, out, now)
+            if out.finished:
+                del self._streams[out.request_id]
+                if self.metrics:
+                    self.metrics.on_finished(stream, out)
+            stream.put(out)
+        self._num_requests = len(self._streams)
+        self._num_waiting = len(self.engine.scheduler.waiting)
+        if self.metrics:
+            self.metrics.on_step(self.engine.stats, now - t0)

@@ -1,0 +1,110 @@
+"""Prometheus metrics, named like vLLM's with the `kvserve:` prefix.
+
+Updated from the engine thread (prometheus-client is thread-safe) and rendered by /metrics.
+Counters get prometheus-client's `_total` suffix in the exposition, as vLLM's do.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+           7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+       5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+def _token_buckets(max_len: int) -> list[float]:
+    out, base = [], 1
+    while base <= max_len:
+        for m in (1, 2, 5):
+            if m * base <= max_len:
+                out.append(float(m * base))
+        base *= 10
+    return out
+
+
+class Metrics:
+    def __init__(self, model_name: str, max_model_len: int):
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self.labels = {"model_name": model_name}
+        tokens = _token_buckets(max_model_len)
+
+        def gauge(name, doc):
+            return Gauge(f"kvserve:{name}", doc, labels, registry=r).labels(**self.labels)
+
+        def counter(name, doc):
+            return Counter(f"kvserve:{name}", doc, labels, registry=r).labels(**self.labels)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"kvserve:{name}", doc, labels, buckets=buckets,
+                             registry=r).labels(**self.labels)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of started requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.preemptions = counter("num_preemptions", "Preemptions (recompute).")
+        self.prefix_queries = counter("prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.success = Counter("kvserve:request_success", "Finished requests by finish reason.",
+                               labels + ["finished_reason"], registry=r)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", LATENCY)
+        self.itl = histogram("inter_token_latency_seconds", "Time between output tokens.", ITL)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", LATENCY)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Arrival to first scheduled.", LATENCY)
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt length of requests.", tokens)
+        self.gen_len = histogram("request_generation_tokens", "Generated tokens per request.",
+                                 tokens)
+        self._last: dict[str, float] = {}
+
+    # called from the engine thread
+
+    def on_added(self, stream) -> None:
+        pass
+
+    def on_output(self, stream, out, now: float) -> None:
+        n = sum(len(c.token_ids) for c in out.outputs)
+        new = n - stream.num_tokens
+        if new <= 0:
+            return
+        if stream.first_token_time is None:
+            stream.first_token_time = now
+            self.ttft.observe(now - stream.arrival)
+        elif stream.last_token_time is not None:
+            gap = (now - stream.last_token_time) / new
+            for _ in range(new):
+                self.itl.observe(gap)
+        stream.last_token_time = now
+        stream.num_tokens = n
+
+    def on_finished(self, stream, out, now: float | None = None) -> None:
+        import time
+        now = time.monotonic() if now is None else now
+        for c in out.outputs:
+            self.success.labels(finished_reason=c.finish_reason or "abort", **self.labels).inc()
+        self.e2e.observe(now - stream.arrival)
+        self.prompt_len.observe(len(out.prompt_token_ids))
+        self.gen_len.observe(sum(len(c.token_ids) for c in out.outputs))
+        if stream.scheduled_time is not None:
+            self.queue_time.observe(max(0.0, stream.scheduled_time - stream.arrival))
+
+    def on_step(self, stats: dict, step_time: float) -> None:
+        self.running.set(stats["num_running"])
+        self.waiting.set(stats["num_waiting"])
+        self.kv_usage.set(stats["kv_cache_usage"])
+        for counter, key in ((self.prompt_tokens, "prompt_tokens"),
+                             (self.generation_tokens, "generation_tokens"),
+                             (self.preemptions, "num_preemptions"),
+                             (self.prefix_queries, "prefix_cache_queries"),
+                             (self.prefix_hits, "prefix_cache_hits")):
+            delta = stats[key] - self._last.get(key, 0)
+            if delta > 0:
+                counter.inc(delta)
+            self._last[key] = stats[key]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

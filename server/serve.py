@@ -1,0 +1,67 @@
+"""`kvserve serve`: the engine, its thread, the app and uvicorn, with a graceful SIGTERM.
+
+On SIGTERM/SIGINT the server keeps listening but admits nothing new (503), lets running
+requests finish for up to --shutdown-timeout seconds, aborts the rest, then stops uvicorn and
+exits 0.  A second signal stops at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from server.app import build_app
+from server.async_engine import AsyncEngine
+from server.metrics import Metrics
+
+logger = logging.getLogger("kvserve.server")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, aengine: AsyncEngine, shutdown_timeout: float):
+        super().__init__(config)
+        self.aengine = aengine
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining or self._loop is None:
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        logger.info("signal %s: draining (up to %.0fs), then exiting", sig, self.shutdown_timeout)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        aborted = await self.aengine.drain(self.shutdown_timeout)
+        if aborted:
+            logger.info("aborted %d unfinished requests at shutdown", aborted)
+        self.should_exit = True
+
+
+def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_queue: int | None = None,
+          request_timeout: float | None = None, shutdown_timeout: float = 30.0,
+          served_model_name: str | None = None, log_level: str = "info") -> int:
+    from engine import LLMEngine
+    engine = LLMEngine.from_args(**engine_kwargs)
+    name = served_model_name or engine.model_name
+    metrics = Metrics(name, engine.config.max_model_len)
+    aengine = AsyncEngine(engine, max_queue=max_queue, request_timeout=request_timeout,
+                          metrics=metrics)
+    app = build_app(aengine, served_model_name=name, api_key=api_key)
+    aengine.start()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=5, access_log=False)
+    server = _Server(config, aengine, shutdown_timeout)
+    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", name, host, port)
+    try:
+        server.run()
+    finally:
+        aengine.stop()
+    return 0 if server.started else 1
