@@ -10,3 +10,5 @@ else
   echo "pytest not installed: kernel tests skipped"
 fi
 timeout 300 python bench/kernels.py
+# the engine end to end on CUDA (Triton backend, prefix cache, window eviction, forks, sampler)
+timeout 300 python bench/gpu_engine.py 2>&1 | grep -v " INFO "
