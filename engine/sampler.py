@@ -175,6 +175,8 @@ def _sample(logits: torch.Tensor, b: _Batch, seqs: list[Sequence]) -> torch.Tens
 def _draw_filtered(z: torch.Tensor, min_p: list[float], top_p: list[float],
                    generators: list[torch.Generator | None]) -> torch.Tensor:
     # z: [G, C] tempered logits of the candidates (-inf: not one), overwritten -> positions [G]
+    # a tiny temperature or penalty can overflow a logit to inf: keep it the largest finite
+    z.nan_to_num_(nan=-math.inf, posinf=torch.finfo(z.dtype).max)
     w = z.sub_(z.amax(dim=-1, keepdim=True)).exp_()                             # p / p_max
     if any(min_p):
         w.masked_fill_(w < torch.tensor(min_p, device=w.device)[:, None], 0)

@@ -63,13 +63,15 @@ class SamplingParams:
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         _check(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
                f"must be >= 1, got {self.beam_width}")
-        _check(_finite(self.length_penalty), "length_penalty", "must be a finite number")
+        _check(_finite(self.length_penalty) and abs(self.length_penalty) <= 10, "length_penalty",
+               f"must be a number in [-10, 10], got {self.length_penalty}")
         _check(not self.use_beam_search or self.n <= self.beam_width, "n",
                f"must be <= beam_width ({self.beam_width}) with beam search, got {self.n}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # below 1e-5 a temperature is greedy in all but overflow (vLLM's threshold too)
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 def _finite(x) -> bool:
