@@ -18,13 +18,16 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, Draining, EngineDead, QueueFull
-from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                             TokenizeRequest)
+from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                             CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                             HealthResponse, ModelList, TokenizeRequest, TokenizeResponse,
+                             VersionResponse, error_responses)
 
 VERSION = "0.1.0"
 OPEN_PATHS = {"/health", "/metrics"}
@@ -44,10 +47,33 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _bad(e: ValueError) -> APIError:
+# request fields an engine-side ValueError may name as its first word ("top_p must be ...")
+_FIELDS = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
+
+
+def _bad(e: ValueError, default: str | None = None) -> APIError:
     message = str(e)
-    param = message.split(" ", 1)[0].rstrip(":") if message else None
-    return APIError(400, message, param=param if param and param.isidentifier() else None)
+    first = message.split(" ", 1)[0].rstrip(":") if message else ""
+    return APIError(400, message, param=first if first in _FIELDS else default)
+
+
+class _BearerAuth:
+    """`Authorization: Bearer <key>` on every path but OPEN_PATHS.  Plain ASGI on purpose: an
+    @app.middleware("http") (BaseHTTPMiddleware) wraps `receive` so that a handler's
+    request.is_disconnected() never sees the client leave, and nothing would be aborted."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = error_response(401, "invalid or missing API key (Authorization: "
+                                          "Bearer <key>)", "authentication_error")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
@@ -73,26 +99,20 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
         errors = e.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
-        param = loc[0] if loc else None
+        # a body that is not JSON has loc ("body", <char offset>): no field to blame
+        param = loc[0] if loc and first.get("type") != "json_invalid" else None
         message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: "
                             f"{err.get('msg')}" for err in errors[:5]) or "invalid request"
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail),
-                              "not_found_error" if e.status_code == 404 else "invalid_request_error")
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        # keep Starlette's headers: a 405 lists the allowed methods in Allow
+        return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    token.strip().encode(), api_key.encode()):
-                return error_response(401, "invalid or missing API key (Authorization: Bearer "
-                                      "<key>)", "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
 
     def check_model(name: str | None) -> None:
         if name and name != model_name:
@@ -104,7 +124,13 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
 
     # ---------------------------------------------------------------- simple routes
 
-    @app.get("/health")
+    auth = (401,) if api_key else ()
+    sse = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "with stream: true, `data: {chunk}` events "
+                                                "ending in `data: [DONE]`"}}
+
+    @app.get("/health", response_model=None,
+             responses={200: {"model": HealthResponse}, **error_responses(503)})
     async def health():
         if not aengine.healthy:
             return error_response(503, f"the engine failed: {aengine.error!r}", "server_error")
@@ -112,22 +138,25 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             return error_response(503, "shutting down", "server_error")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
     async def metrics():
         m = aengine.metrics
         return Response(m.render() if m else b"", media_type="text/plain; version=0.0.4")
 
-    @app.get("/version")
+    @app.get("/version", responses={200: {"model": VersionResponse}, **error_responses(*auth)})
     async def version():
         return {"version": VERSION}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(*auth)})
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "kvserve",
             "root": eng.model_name, "max_model_len": max_model_len}]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse},
+                                      **error_responses(400, *auth, 404)})
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
         need_tokenizer()
@@ -140,7 +169,8 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
                 tokenizer.hf.encode(body.prompt, add_special_tokens=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse},
+                                        **error_responses(400, *auth, 404)})
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
         need_tokenizer()
@@ -154,7 +184,7 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             conv = [{"role": m.role, "content": m.text()} for m in messages]
             return tokenizer.apply_chat_template(conv, add_generation_prompt)
         except ValueError as e:
-            raise _bad(e) from None
+            raise _bad(e, "messages") from None
         except Exception as e:  # a template that rejects the conversation (e.g. roles)
             raise APIError(400, f"messages: the chat template failed: {e}",
                            param="messages") from None
@@ -174,33 +204,36 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             return [tokenizer.encode(p) for p in prompt]
         return [list(p) for p in prompt]
 
-    def limit_tokens(ids: list[int], max_tokens: int | None) -> int:
+    def limit_tokens(ids: list[int], max_tokens: int | None, param: str = "max_tokens") -> int:
         if len(ids) >= max_model_len:
             raise APIError(400, f"This model's maximum context length is {max_model_len} "
                            f"tokens. However, your prompt has {len(ids)} tokens.", param="prompt")
         if max_tokens is None:
             return max_model_len - len(ids)
         if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+            raise APIError(400, f"{param} must be >= 1, got {max_tokens}", param=param)
         if len(ids) + max_tokens > max_model_len:
             raise APIError(400, f"This model's maximum context length is {max_model_len} "
                            f"tokens. However, you requested {len(ids) + max_tokens} tokens "
                            f"({len(ids)} in the prompt, {max_tokens} in the completion). "
                            f"Please reduce the length of the prompt or completion.",
-                           param="max_tokens")
+                           param=param)
         return max_tokens
 
     async def start(rid: str, ids: list[int], params: SamplingParams):
         try:
             return await aengine.add_request(rid, ids, params)
-        except ValueError as e:
-            raise _bad(e) from None
+        except ValueError as e:  # the engine names the field, or it is about the prompt
+            raise _bad(e, "prompt") from None
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_error", headers={"Retry-After": "1"}) from None
         except (Draining, EngineDead) as e:
             raise APIError(503, str(e), "server_error") from None
 
-    @app.post("/v1/completions")
+    generation_errors = error_responses(400, *auth, 404, 429, 503)
+
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse, "content": sse},
+                                            **generation_errors})
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         if body.best_of is not None and body.best_of != body.n:
@@ -221,7 +254,9 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             jobs.append((ids, params))
         return await _run(request, "cmpl", jobs, body, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses={200: {"model": ChatCompletionResponse, "content": sse},
+                         **generation_errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         need_tokenizer()
@@ -233,7 +268,10 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         ids = _chat_ids(body.messages, body.add_generation_prompt)
-        max_tokens = limit_tokens(ids, body.max_completion_tokens or body.max_tokens)
+        if body.max_completion_tokens is None:
+            max_tokens = limit_tokens(ids, body.max_tokens)
+        else:
+            max_tokens = limit_tokens(ids, body.max_completion_tokens, "max_completion_tokens")
         try:
             params = body.sampling_params(max_tokens, (body.top_logprobs or 0)
                                           if body.logprobs else None)
@@ -321,7 +359,45 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             for s in streams:
                 s.abort()
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's spec, less the 422 it documents for every body: bad input is 400 here."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for ops in spec.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            spec.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    stand_in, extra = {b: b for b in kept}, 0
+    for b in range(256):
+        if b not in stand_in:
+            stand_in[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in stand_in.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _token_bytes(tokenizer, token_id: int, piece: str) -> list[int]:
+    """The token's own UTF-8 bytes (a piece of a character decodes to U+FFFD, its bytes don't)."""
+    if tokenizer is not None and "\ufffd" in piece:
+        raw = tokenizer.hf.convert_ids_to_tokens(token_id)
+        if isinstance(raw, str) and raw and all(ch in _BYTE_LEVEL for ch in raw):
+            return [_BYTE_LEVEL[ch] for ch in raw]
+    return list(piece.encode())
 
 
 def _event(obj) -> bytes:
@@ -417,6 +493,11 @@ class _Formatter:
                 "created": self.created, "model": self.model,
                 "choices": sorted(choices, key=lambda c: c["index"]), "usage": self.usage()}
 
+    def _chat_token(self, token_id: int, lp) -> dict:
+        piece = lp.decoded_token or ""
+        return {"token": piece, "logprob": lp.logprob,
+                "bytes": _token_bytes(self.tokenizer, token_id, piece)}
+
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, False) if self.tokenizer else ""
 
@@ -428,15 +509,11 @@ class _Formatter:
             n = self.body.top_logprobs or 0
             for t, entry in zip(tokens, entries):
                 chosen = entry[t]
-                piece = chosen.decoded_token or ""
-                top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= n),
-                             key=lambda lp: lp.rank)
-                content.append({"token": piece, "logprob": chosen.logprob,
-                                "bytes": list(piece.encode()),
-                                "top_logprobs": [{"token": lp.decoded_token or "",
-                                                  "logprob": lp.logprob,
-                                                  "bytes": list((lp.decoded_token or "").encode())}
-                                                 for lp in top]})
+                top = sorted(((tid, lp) for tid, lp in entry.items()
+                              if lp.rank is not None and lp.rank <= n),
+                             key=lambda item: item[1].rank)
+                content.append({**self._chat_token(t, chosen),
+                                "top_logprobs": [self._chat_token(tid, lp) for tid, lp in top]})
             return {"content": content}
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         offset = text_offset

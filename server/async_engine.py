@@ -2,8 +2,9 @@
 
 The event loop never runs a step: `add_request` posts a command and awaits the engine
 thread's answer (accepted, or the ValueError that names the bad field); outputs come back
-per request through an asyncio.Queue filled with `loop.call_soon_threadsafe`.  The thread
-steps while there is work and sleeps on the inbox when there is none.
+per request through an asyncio.Queue, all of a step's in one `loop.call_soon_threadsafe`.
+The thread steps while there is work and sleeps on the inbox when there is none; `launch`
+builds the engine on that same thread (see there why).
 
 Failure modes handled here: a full waiting queue (QueueFull -> 429), a request past its
 deadline (aborted, finish_reason "timeout"), a client that goes away (abort), an exception
@@ -19,6 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from engine import LLMEngine, RequestOutput, SamplingParams
 
@@ -50,7 +52,15 @@ class _Stream:
     num_tokens: int = 0
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
+            pass
+
+
+def _deliver(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 _ACCEPTED = object()
@@ -90,9 +100,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+    def __init__(self, engine: LLMEngine | None, max_queue: int | None = None,
                  request_timeout: float | None = None, metrics=None):
-        self.engine = engine
+        self.engine = engine    # None until launch() has built it on the engine thread
         self.max_queue = max_queue
         self.request_timeout = request_timeout
         self.metrics = metrics
@@ -106,10 +116,34 @@ class AsyncEngine:
         self.draining = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._build: Callable[[], LLMEngine] | None = None
+        self._make_metrics: Callable[[LLMEngine], object] | None = None
+        self._built = threading.Event()
         # test hook: raise inside the step with this number (engine-fault tests)
         self._fault_at = int(os.environ.get("KVSERVE_FAULT_AT_STEP", "0") or 0)
 
     # ---------------------------------------------------------------- event-loop side
+
+    @classmethod
+    def launch(cls, build: Callable[[], LLMEngine],
+               make_metrics: Callable[[LLMEngine], object] | None = None,
+               **kwargs) -> "AsyncEngine":
+        """Build the engine on the engine thread itself, start stepping there, and return once
+        it is built (raising what the build raised).
+
+        Why not build it here and hand it over: libgomp gives each thread that runs a parallel
+        torch op its own OpenMP team, and once it manages more threads than there are CPUs it
+        stops spinning between parallel regions.  A model loaded on the main thread and
+        stepped on another ran ~20% slower per step on a 2-core box; loaded and stepped on one
+        thread, there is one team and the step runs as fast as offline."""
+        self = cls(None, **kwargs)
+        self._build, self._make_metrics = build, make_metrics
+        self._thread.start()
+        self._built.wait()
+        if self.engine is None:
+            self._thread.join()
+            raise self.error
+        return self
 
     def start(self) -> None:
         self._thread.start()
@@ -137,6 +171,8 @@ class AsyncEngine:
         with self._lock:
             self._pending_adds += 1
         self._inbox.put(("add", request_id, prompt, params, stream))
+        if self.error is not None:  # the thread died between our check and the put
+            self._fail_inbox(self.error)
         try:
             ack = await stream.queue.get()
         except asyncio.CancelledError:  # the client left before the engine took it
@@ -160,8 +196,14 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 - handed back to the caller
                 box["error"] = e
             done.set()
+        if not self.healthy:
+            raise EngineDead(f"the engine is not running: {self.error!r}")
         self._inbox.put(("call", job))
-        done.wait()
+        while not done.wait(0.1):
+            if not self.healthy:
+                self._fail_inbox(self.error)
+                if not done.is_set():
+                    raise EngineDead(f"the engine is not running: {self.error!r}")
         if "error" in box:
             raise box["error"]
         return box["value"]
@@ -189,6 +231,16 @@ class AsyncEngine:
     # ---------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
+        if self._build is not None:
+            try:
+                engine = self._build()
+                self.metrics = self._make_metrics(engine) if self._make_metrics else None
+                self.engine = engine
+            except BaseException as e:  # noqa: BLE001 - launch() re-raises it
+                self.error = e
+                return
+            finally:
+                self._built.set()
         engine = self.engine
         steps = 0
         try:
@@ -212,17 +264,21 @@ class AsyncEngine:
                 stream.put(EngineDead(f"the engine failed: {e!r}"))
             self._streams.clear()
             self._num_requests = 0
-            while True:  # answer whatever is still in the inbox
-                try:
-                    cmd = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if cmd[0] == "add":
-                    with self._lock:
-                        self._pending_adds -= 1
-                    cmd[4].put(EngineDead(f"the engine failed: {e!r}"))
-                elif cmd[0] == "call":
-                    cmd[1](engine)
+            self._fail_inbox(e)
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        """After a failure: answer whatever is in the inbox (either thread may call this)."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                with self._lock:
+                    self._pending_adds -= 1
+                cmd[4].put(EngineDead(f"the engine failed: {error!r}"))
+            elif cmd[0] == "call":
+                cmd[1](self.engine)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -241,24 +297,30 @@ class AsyncEngine:
                     self._abort(rid, None)
             elif kind == "call":
                 cmd[1](self.engine)
-            self._num_requests = len(self._streams)
+            self._refresh()
 
     def _add(self, request_id: str, prompt: list[int], params: SamplingParams,
              stream: _Stream) -> None:
-        with self._lock:
-            self._pending_adds -= 1
-        if request_id in self._streams:
-            stream.put(ValueError(f"request id {request_id!r} is already running"))
-            return
         try:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
             self.engine.add_request(request_id, prompt, params, arrival_time=stream.arrival)
         except ValueError as e:
             stream.put(e)
-            return
-        self._streams[request_id] = stream
-        if self.metrics:
-            self.metrics.on_added(stream)
-        stream.put(_ACCEPTED)
+        except BaseException as e:  # an engine bug: fail this request too, then the engine
+            stream.put(EngineDead(f"the engine failed: {e!r}"))
+            raise
+        else:
+            self._streams[request_id] = stream
+            if self.metrics:
+                self.metrics.on_added(stream)
+            stream.put(_ACCEPTED)
+        finally:
+            # counted as running before it stops counting as pending: drain() never sees a
+            # gap in which an accepted request is neither
+            self._num_requests = len(self._streams)
+            with self._lock:
+                self._pending_adds -= 1
 
     def _abort(self, request_id: str, reason: str | None) -> None:
         stream = self._streams.pop(request_id, None)
@@ -275,12 +337,27 @@ class AsyncEngine:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for rid, stream in list(self._streams.items()):
-            if stream.deadline is not None and now >= stream.deadline:
-                self._abort(rid, "timeout")
+        expired = [rid for rid, stream in self._streams.items()
+                   if stream.deadline is not None and now >= stream.deadline]
+        for rid in expired:
+            self._abort(rid, "timeout")
+        if expired:
+            self._refresh()
+
+    def _refresh(self) -> dict:
+        """Publish what the event loop reads (admission, drain) and the state gauges. Called
+        after every step and after adds/aborts: an abort with nothing else running is followed
+        by no step, and the gauges must still go back to 0."""
+        stats = self.engine.stats
+        self._num_requests = len(self._streams)
+        self._num_waiting = stats["num_waiting"]
+        if self.metrics:
+            self.metrics.on_state(stats)
+        return stats
 
     def _publish(self, outputs: list[RequestOutput], t0: float) -> None:
         now = time.monotonic()
+        ready: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -293,8 +370,12 @@ class AsyncEngine:
                 del self._streams[out.request_id]
                 if self.metrics:
                     self.metrics.on_finished(stream, out)
-            stream.put(out)
-        self._num_requests = len(self._streams)
-        self._num_waiting = len(self.engine.scheduler.waiting)
+            ready.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in ready.items():  # one wake-up of each loop per step, not per request
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: the server is gone
+                pass
+        stats = self._refresh()
         if self.metrics:
-            self.metrics.on_step(self.engine.stats, now - t0)
+            self.metrics.on_step(stats, now - t0)

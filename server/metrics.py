@@ -92,10 +92,12 @@ class Metrics:
         if stream.scheduled_time is not None:
             self.queue_time.observe(max(0.0, stream.scheduled_time - stream.arrival))
 
-    def on_step(self, stats: dict, step_time: float) -> None:
+    def on_state(self, stats: dict) -> None:
         self.running.set(stats["num_running"])
         self.waiting.set(stats["num_waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
+
+    def on_step(self, stats: dict, step_time: float) -> None:
         for counter, key in ((self.prompt_tokens, "prompt_tokens"),
                              (self.generation_tokens, "generation_tokens"),
                              (self.preemptions, "num_preemptions"),

@@ -1,48 +1,65 @@
 """OpenAI-compatible request bodies (plus vLLM's extra sampling fields) and their mapping to
-SamplingParams.  Unknown fields are ignored, as OpenAI's and vLLM's servers do."""
+SamplingParams, and the response bodies the OpenAPI spec documents.
+
+Unknown fields are ignored, as OpenAI's and vLLM's servers do; known fields are strict (no
+"5" for 5, no 1.5 for an integer) and carry their bounds, so /openapi.json tells clients what
+is accepted.  SamplingParams checks the same bounds again for the engine's own callers."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import SamplingParams
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
+# Below this a temperature is greedy (as in vLLM): logits / 1e-300 overflow to inf, and
+# inf - inf = NaN in the sampler.
+MIN_TEMPERATURE = 1e-5
+# Bounds that keep the engine's arithmetic finite for any model length: logits divided by a
+# repetition penalty near 0 overflow, and (5 + len) ** length_penalty over/underflows.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_ABS_LENGTH_PENALTY = 10.0
+
+
+REQUEST = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     seed: int | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extra sampling parameters
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY,
+                                             le=MAX_REPETITION_PENALTY, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     beam_width: int | None = Field(None, ge=1, le=MAX_N)
-    length_penalty: float = 1.0
-    prompt_logprobs: int | None = None
+    length_penalty: float = Field(1.0, ge=-MAX_ABS_LENGTH_PENALTY, le=MAX_ABS_LENGTH_PENALTY,
+                                  allow_inf_nan=False)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the field for values the engine rejects."""
@@ -57,6 +74,8 @@ class _Sampling(BaseModel):
                      "presence_penalty", "frequency_penalty"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
+        if self.temperature is not None and self.temperature < MIN_TEMPERATURE:
+            kw["temperature"] = 0.0
         if self.use_beam_search:
             kw["beam_width"] = self.beam_width or self.n
         return SamplingParams(**kw)
@@ -64,7 +83,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
@@ -72,13 +91,13 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
@@ -97,8 +116,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict] | None = None
@@ -108,7 +127,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -117,6 +136,125 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     model: str | None = None
     tokens: list[int]
+
+
+# ---------------------------------------------------------------- responses (documentation)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the errors a route can answer."""
+    why = {400: "Bad request: the message names the field (param)", 401: "Missing or wrong API key",
+           404: "Unknown model", 429: "Too many waiting requests (Retry-After)",
+           503: "The engine failed or the server is shutting down"}
+    return {code: {"model": ErrorResponse, "description": why[code]} for code in codes}

@@ -25,6 +25,7 @@ class _Server(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._drain_task: asyncio.Task | None = None  # held: the loop keeps only weak refs
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -35,7 +36,10 @@ class _Server(uvicorn.Server):
             return super().handle_exit(sig, frame)
         self._draining = True
         logger.info("signal %s: draining (up to %.0fs), then exiting", sig, self.shutdown_timeout)
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
         aborted = await self.aengine.drain(self.shutdown_timeout)
@@ -49,18 +53,18 @@ def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
           request_timeout: float | None = None, shutdown_timeout: float = 30.0,
           served_model_name: str | None = None, log_level: str = "info") -> int:
     from engine import LLMEngine
-    engine = LLMEngine.from_args(**engine_kwargs)
-    name = served_model_name or engine.model_name
-    metrics = Metrics(name, engine.config.max_model_len)
-    aengine = AsyncEngine(engine, max_queue=max_queue, request_timeout=request_timeout,
-                          metrics=metrics)
-    app = build_app(aengine, served_model_name=name, api_key=api_key)
-    aengine.start()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=5, access_log=False)
-    server = _Server(config, aengine, shutdown_timeout)
-    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", name, host, port)
+    aengine = AsyncEngine.launch(
+        lambda: LLMEngine.from_args(**engine_kwargs),
+        lambda engine: Metrics(served_model_name or engine.model_name,
+                               engine.config.max_model_len),
+        max_queue=max_queue, request_timeout=request_timeout)
     try:
+        name = served_model_name or aengine.engine.model_name
+        app = build_app(aengine, served_model_name=name, api_key=api_key)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                                timeout_graceful_shutdown=5, access_log=False)
+        server = _Server(config, aengine, shutdown_timeout)
+        logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", name, host, port)
         server.run()
     finally:
         aengine.stop()
