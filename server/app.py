@@ -125,7 +125,11 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
     # ---------------------------------------------------------------- simple routes
 
     auth = (401,) if api_key else ()
-    sse = {"text/event-stream": {"schema": {"type": "string"},
+    # each server-sent event, as clients (and schemathesis) parse it: {"data": "...", ...}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                            "id": {"type": "string"}}}
+    sse = {"text/event-stream": {"schema": event,
                                  "description": "with stream: true, `data: {chunk}` events "
                                                 "ending in `data: [DONE]`"}}
 
