@@ -195,6 +195,11 @@ class KVCacheManager:
         held = max(len(seq.block_ids), self.num_dead_blocks(seq.num_computed_tokens))
         return max(0, total - held) + (self._cow_index(seq) is not None)
 
+    def blocks_held(self, num_computed: int, num_new_tokens: int) -> int:
+        """Live blocks of a sequence once `num_new_tokens` more follow `num_computed`."""
+        total = -(-(num_computed + num_new_tokens) // self.block_size)
+        return total - self.num_dead_blocks(num_computed)
+
     def window_growth(self, seq: Sequence, holds: int | None = None) -> int:
         """Blocks a sequence of a sliding-window model may still take on top of the `holds`
         it has (default: its live blocks): it never holds more than the window's bound."""

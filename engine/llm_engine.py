@@ -327,9 +327,7 @@ class LLMEngine:
     def _beam_logprobs(self, beam: Sequence, token: int, logprob: float):
         if beam.logprobs is None:
             return None
-        probe = Sequence(beam.request_id, -1, [], beam.params)
-        self.output.append_token(probe, token, logprob, self._beam_top(beam, token))
-        return beam.logprobs + probe.logprobs
+        return beam.logprobs + [self.output.entry(token, logprob, self._beam_top(beam, token))]
 
     def _fork(self, seqs: list[Sequence], logits: torch.Tensor):
         """Children of n > 1 start from their parent's prompt: shared blocks, same logits."""

@@ -97,17 +97,15 @@ class Scheduler:
             cached = len(hits) * bs
             n = min(seq.num_tokens - cached, budget)
             if self.running:
-                holds = -(-(cached + n) // bs) - self.kv.num_dead_blocks(cached)
-                growth = self.kv.window_growth(seq, holds)
+                growth = self.kv.window_growth(seq, self.kv.blocks_held(cached, n))
                 if n > self.kv.max_new_tokens(seq, True, hits, reserve + growth):
                     break
-                reserve += growth
             else:  # alone, any progress beats none (a window model's prompt can be
                 n = min(n, self.kv.max_new_tokens(seq, hits=hits))  # longer than the pool)
-                reserve += self.kv.window_growth(seq, -(-(cached + n) // bs)
-                                                 - self.kv.num_dead_blocks(cached))
                 if n == 0:
                     break
+                growth = self.kv.window_growth(seq, self.kv.blocks_held(cached, n))
+            reserve += growth
             self.waiting.popleft()
             self.kv.allocate(seq, n, hits)
             seq.status = SequenceStatus.RUNNING

@@ -5,6 +5,8 @@ Counters get prometheus-client's `_total` suffix in the exposition, as vLLM's do
 """
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -82,7 +84,6 @@ class Metrics:
         stream.num_tokens = n
 
     def on_finished(self, stream, out, now: float | None = None) -> None:
-        import time
         now = time.monotonic() if now is None else now
         for c in out.outputs:
             self.success.labels(finished_reason=c.finish_reason or "abort", **self.labels).inc()
