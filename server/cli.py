@@ -1,4 +1,5 @@
-"""`kvserve` command line: serve (the HTTP API), generate (offline, one prompt), info (capacity)."""
+"""`kvserve` command line: serve (the HTTP API), generate (offline, one prompt), info (capacity),
+bench (load-test a server)."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
     add_info_parser(sub)
+    from clients.bench import add_bench_parser  # stdlib only; httpx etc. load when it runs
+    add_bench_parser(sub)
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
