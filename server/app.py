@@ -332,6 +332,8 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             try:
                 async for out in s:
                     await merged.put((i, out))
+            except asyncio.CancelledError:  # the response is over: nobody reads `merged`
+                raise
             except BaseException as e:  # noqa: BLE001 - reported as an error event
                 await merged.put((i, e))
             finally:

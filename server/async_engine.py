@@ -312,6 +312,9 @@ class AsyncEngine:
             raise
         else:
             self._streams[request_id] = stream
+            # it waits until the next step; counted before it stops being pending below, so
+            # --max-queue never sees a gap in which it is neither
+            self._num_waiting += 1
             if self.metrics:
                 self.metrics.on_added(stream)
             stream.put(_ACCEPTED)
@@ -371,11 +374,13 @@ class AsyncEngine:
                 if self.metrics:
                     self.metrics.on_finished(stream, out)
             ready.setdefault(stream.loop, []).append((stream.queue, out))
+        # counters and gauges first: a client reacting to its token must not find the queue
+        # length (admission) or a metrics scrape from before this step
+        stats = self._refresh()
+        if self.metrics:
+            self.metrics.on_step(stats, now - t0)
         for loop, items in ready.items():  # one wake-up of each loop per step, not per request
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: the server is gone
                 pass
-        stats = self._refresh()
-        if self.metrics:
-            self.metrics.on_step(stats, now - t0)

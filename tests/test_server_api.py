@@ -446,9 +446,20 @@ def test_unknown_model_and_routes(client):
 # ---------------------------------------------------------------- metrics
 
 
+def _generation_tokens(client) -> float:
+    return sum(float(line.rpartition(" ")[2]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("kvserve:generation_tokens_total"))
+
+
 def test_metrics_after_requests(client):
-    post_ok(client, "/v1/completions", {"prompt": "Metrics please", "max_tokens": 2})
+    before = _generation_tokens(client)
+    post_ok(client, "/v1/completions", {"prompt": "Metrics please", "max_tokens": 2,
+                                        "ignore_eos": True})
+    # the counters are updated before the response is released, so a scrape right after it
+    # already has its tokens
+    assert _generation_tokens(client) == before + 2
     text = client.get("/metrics").text
+    assert "_created" not in text
     for name in ("kvserve:num_requests_running", "kvserve:kv_cache_usage_perc",
                  "kvserve:time_to_first_token_seconds", "kvserve:prompt_tokens_total",
                  "kvserve:prefix_cache_hits_total", "kvserve:request_success_total"):
