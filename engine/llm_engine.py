@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.models import CausalLM
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.quant import int4_dtype, quantize_model, resolve_quantization
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sampler import Sampler, compute_logprobs
@@ -93,10 +94,12 @@ class LLMEngine:
                   max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                   max_model_len: int | None = None, enable_prefix_caching: bool = True,
                   attention_backend: str = "auto", load_format: str = "auto",
-                  kv_cache_memory: int | str | None = None, seed: int = 0) -> "LLMEngine":
+                  kv_cache_memory: int | str | None = None, seed: int = 0,
+                  quantization: str | None = None) -> "LLMEngine":
         source = resolve_model(model)
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+        quantization = resolve_quantization(quantization)
+        dt = int4_dtype(dtype, dev) if quantization == "int4" else resolve_dtype(dtype, dev)
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if attention_backend == "auto":
@@ -117,10 +120,14 @@ class LLMEngine:
                 p.normal_(0, 0.02)
         else:
             net.load_weights(gguf.weights(model_cfg) if gguf else hf_weights(source.path))
+        num_params = sum(p.numel() for p in net.parameters())
+        if quantization == "int4":
+            quantize_model(net)  # from the float32 weights
         net = net.to(dt)
         net.rope.to(torch.float32)
-        logger.info("loaded %s (%s, %.0fM params) in %.1fs", source.name, model_cfg.architecture,
-                    sum(p.numel() for p in net.parameters()) / 1e6, time.perf_counter() - t0)
+        logger.info("loaded %s (%s, %.0fM params%s) in %.1fs", source.name,
+                    model_cfg.architecture, num_params / 1e6,
+                    f", {quantization}" if quantization else "", time.perf_counter() - t0)
         num_blocks = num_kv_blocks or blocks_for_budget(model_cfg, dt, dev, block_size,
                                                         kv_cache_memory)
         max_model_len = resolve_max_model_len(model_cfg, num_blocks, block_size, max_model_len)

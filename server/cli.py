@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    g.add_argument("--quantization", default=None, choices=["none", "int4"],
+                   help="int4: weight-only int4 linears (CPU, bfloat16 activations)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -29,7 +31,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                load_format=args.load_format)
+                load_format=args.load_format, quantization=args.quantization)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

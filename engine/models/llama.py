@@ -105,6 +105,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> [N, vocab] float32
+        if not isinstance(self.lm_head, nn.Linear):  # a quantized head (engine.quant)
+            return self.lm_head(hidden).float()
         # W @ h^T is ~30% faster than h @ W^T for a tall vocab matrix on CPU (oneDNN/MKL).
         return torch.mm(self.lm_head.weight, hidden.t()).t().float().contiguous()
 
