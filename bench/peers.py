@@ -142,12 +142,13 @@ def llama_cpp_cmd(binary: Path, gguf: str, port: int, slots: int, ctx_per_slot: 
             "-cb", "-fa", "auto", "--no-webui", "-a", MODEL_ALIAS]
 
 
-def kvserve_cmd(port: int, dtype: str, max_num_seqs: int) -> list[str]:
+def kvserve_cmd(port: int, dtype: str, max_num_seqs: int, quantization: str | None) -> list[str]:
     # kvserve's fastest CPU settings (README): bfloat16 on CPUs with AVX-512 BF16, a batch
     # as wide as the streams.
     return [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
             "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
-            "--served-model-name", MODEL_ALIAS]
+            "--served-model-name", MODEL_ALIAS] + \
+        (["--quantization", quantization] if quantization else [])
 
 
 def run_bench(url: str, streams: int, num_prompts: int, input_len: int, output_len: int,
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", help="kvserve's --dtype")
+    p.add_argument("--quantization", default=None, help="kvserve's --quantization (int4)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                    help="llama-server -t")
     p.add_argument("--seed", type=int, default=0)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = {
         "llama.cpp": lambda port, n: llama_cpp_cmd(binary, gguf, port, n, ctx_per_slot,
                                                    args.threads),
-        "kvserve": lambda port, n: kvserve_cmd(port, args.dtype, max(n, 16)),
+        "kvserve": lambda port, n: kvserve_cmd(port, args.dtype, max(n, 16), args.quantization),
     }
     if args.only:
         peers = {args.only: peers[args.only]}
@@ -230,7 +232,8 @@ def _row(r: dict) -> tuple[float, float, float]:
 def format_table(results: dict[str, dict[int, dict]], args) -> str:
     lines = [f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.processor() or ''}"
              f" python {platform.python_version()}; input {args.input_len} tokens, output "
-             f"{args.output_len}, ignore_eos, kvserve --dtype {args.dtype}",
+             f"{args.output_len}, ignore_eos, kvserve --dtype {args.dtype}"
+             + (f" --quantization {args.quantization}" if args.quantization else ""),
              "",
              "| streams | llama.cpp tok/s | kvserve tok/s | ratio | llama.cpp TTFT p50 ms | "
              "kvserve TTFT p50 ms | llama.cpp ITL p50 ms | kvserve ITL p50 ms |",
