@@ -19,20 +19,17 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/kernels.py would shadow the `kernels` package: put the repository root first.
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
+from bench.serve import Server, kvserve_cmd  # noqa: E402
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST_DIR_NAME = "llama_cpp_python-0.3.36"
@@ -87,51 +84,6 @@ def build_llama_server(jobs: int | None = None) -> Path:
     return binary
 
 
-class Peer:
-    """One server process (llama-server or kvserve) on a free port, output to a log file."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, startup_timeout: float = 180.0):
-        self.name, self.port = name, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"peers-{name}-", suffix=".log",
-                                               delete=False)
-        log(f"starting {name}: {' '.join(cmd)}")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {self.proc.returncode}; log: "
-                                 f"{self.log.name}")
-            try:
-                # both answer 503 while loading and 200 once they serve
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"{name} not healthy after {startup_timeout:.0f}s; "
-                                 f"log: {self.log.name}")
-            time.sleep(0.25)
-        log(f"{name} is up at {self.url}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def llama_cpp_cmd(binary: Path, gguf: str, port: int, slots: int, ctx_per_slot: int,
                   threads: int) -> list[str]:
     # llama-server's documented throughput settings for many streams: one slot per stream
@@ -142,13 +94,13 @@ def llama_cpp_cmd(binary: Path, gguf: str, port: int, slots: int, ctx_per_slot: 
             "-cb", "-fa", "auto", "--no-webui", "-a", MODEL_ALIAS]
 
 
-def kvserve_cmd(port: int, dtype: str, max_num_seqs: int, quantization: str | None) -> list[str]:
+def kvserve_peer_cmd(port: int, dtype: str, max_num_seqs: int,
+                     quantization: str | None) -> list[str]:
     # kvserve's fastest CPU settings (README): bfloat16 on CPUs with AVX-512 BF16, a batch
-    # as wide as the streams.
-    return [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
-            "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
-            "--served-model-name", MODEL_ALIAS] + \
-        (["--quantization", quantization] if quantization else [])
+    # as wide as the streams, optionally int4 weights.
+    return kvserve_cmd(port, dtype, ["--max-num-seqs", str(max_num_seqs),
+                                     "--served-model-name", MODEL_ALIAS]
+                       + (["--quantization", quantization] if quantization else []))
 
 
 def run_bench(url: str, streams: int, num_prompts: int, input_len: int, output_len: int,
@@ -197,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = {
         "llama.cpp": lambda port, n: llama_cpp_cmd(binary, gguf, port, n, ctx_per_slot,
                                                    args.threads),
-        "kvserve": lambda port, n: kvserve_cmd(port, args.dtype, max(n, 16), args.quantization),
+        "kvserve": lambda port, n: kvserve_peer_cmd(port, args.dtype, max(n, 16), args.quantization),
     }
     if args.only:
         peers = {args.only: peers[args.only]}
@@ -205,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.streams:
         num = max(args.min_prompts, n * args.prompts_per_stream)
         for name, make_cmd in peers.items():
-            port = free_port()
-            server = Peer(name, make_cmd(port, n), port)
+            server = Server(lambda port: make_cmd(port, n), name)
             try:
                 log(f"{name}: {n} streams, {num} prompts x {args.output_len} tokens")
                 results.setdefault(name, {})[n] = run_bench(

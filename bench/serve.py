@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 # bench/kernels.py would shadow the `kernels` package: put the repository root first.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,19 +76,25 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 class Server:
-    def __init__(self, dtype: str, extra: list[str]):
-        self.port = free_port()
+    """A server process (kvserve, llama-server, ...) on a free port, its output in a log file;
+    ready once GET /health answers 200 (both answer 503 while loading). `make_cmd(port)` gives
+    the command line. bench/peers.py uses it too."""
+
+    def __init__(self, make_cmd: Callable[[int], list[str]], name: str = "kvserve",
+                 startup_timeout: float = 180.0):
+        self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="kvserve-bench-", suffix=".log",
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log",
                                                delete=False)
-        cmd = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
-               "--port", str(self.port), "--dtype", dtype, *extra]
+        cmd = make_cmd(self.port)
+        print(f"[bench] starting {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early; see {self.log.name}")
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}; see "
+                                   f"{self.log.name}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -95,7 +102,8 @@ class Server:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise TimeoutError(f"server not healthy; see {self.log.name}")
+        raise TimeoutError(f"{name} not healthy after {startup_timeout:.0f}s; see "
+                           f"{self.log.name}")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -106,6 +114,11 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def kvserve_cmd(port: int, dtype: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
+            "--port", str(port), "--dtype", dtype, *extra]
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, output_len: int,
@@ -196,7 +209,7 @@ def main():
         print(line(f"offline, max_num_seqs={n}", all_at_once), flush=True)
 
     offline = Offline(args.dtype, c)
-    srv = Server(args.dtype, args.server_arg)
+    srv = Server(lambda port: kvserve_cmd(port, args.dtype, args.server_arg))
     fair, served = [], []
     try:
         asyncio.run(drive(srv.url, prompts[:c], 4, c))  # warm-up at full concurrency

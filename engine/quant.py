@@ -85,8 +85,29 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor,
     return (q.float() - 8) * sz[..., 0] + sz[..., 1]
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W in int4 groups packed for the CPU kernel; x, y bfloat16."""
+class _WeightOnlyLinear(nn.Module):
+    """y = x W^T + b for a quantized W: subclasses give `_mm(x2d)`; x, y bfloat16."""
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] bf16 -> [..., N] bf16
+        out = self._mm(x.reshape(-1, self.in_features).contiguous())
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _bf16(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().to(torch.bfloat16)
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """W in int4 groups packed for the CPU kernel."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int = GROUP_SIZE):
@@ -103,27 +124,20 @@ class Int4Linear(nn.Module):
                     group_size: int = GROUP_SIZE) -> "Int4Linear":
         q, scales_and_zeros = quantize_int4(weight, group_size)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        if bias is not None:
-            bias = bias.detach().to(torch.bfloat16)
-        return cls(packed, scales_and_zeros, bias, group_size)
+        return cls(packed, scales_and_zeros, _bf16(bias), group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] bf16 -> [..., N] bf16
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
-                                                         self.scales_and_zeros)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
+                                                          self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W = q * scale, q int8 and one symmetric bf16 scale per output row
-    (aten._weight_int8pack_mm); x, y bfloat16."""
+class Int8Linear(_WeightOnlyLinear):
+    """W = q * scale, q int8 and one symmetric bf16 scale per output row
+    (aten._weight_int8pack_mm)."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -138,17 +152,10 @@ class Int8Linear(nn.Module):
         scales = (w.abs().amax(1) / 127).to(torch.bfloat16)
         step = torch.where(scales == 0, 1.0, scales.float())
         q = torch.round(w / step[:, None]).clamp_(-127, 127).to(torch.int8)
-        if bias is not None:
-            bias = bias.detach().to(torch.bfloat16)
-        return cls(q, scales, bias)
+        return cls(q, scales, _bf16(bias))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] bf16 -> [..., N] bf16
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
