@@ -7,10 +7,12 @@ from typing import Callable
 import torch
 
 import kernels
+from kernels import cpu
 from kernels.reference import paged_attention_ref, store_kv_ref
 
 BACKENDS: dict[str, tuple[Callable, Callable]] = {
     "torch": (paged_attention_ref, store_kv_ref),
+    "cpu": (cpu.paged_attention, store_kv_ref),
     "triton": (kernels.paged_attention, kernels.store_kv),
 }
 

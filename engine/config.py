@@ -145,15 +145,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"  # resolved: "torch" | "triton"
+    attention_backend: str = "torch"  # resolved: "torch" | "cpu" | "triton"
+    enforce_eager: bool = False       # no fused decode forward (kernels.cpu.Forward)
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
                      "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention_backend not in ("torch", "triton"):
-            raise ValueError(f"attention_backend must be torch, triton or auto, "
+        if self.attention_backend not in ("torch", "cpu", "triton"):
+            raise ValueError(f"attention_backend must be torch, cpu, triton or auto, "
                              f"got {self.attention_backend!r}")
 
     @cached_property

@@ -24,6 +24,7 @@ from engine.scheduler import Scheduler
 from engine.sampler import Sampler, compute_logprobs
 from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer, load_tokenizer
+from kernels import cpu as cpu_kernels
 
 logger = logging.getLogger("kvserve.engine")
 
@@ -95,7 +96,7 @@ class LLMEngine:
                   max_model_len: int | None = None, enable_prefix_caching: bool = True,
                   attention_backend: str = "auto", load_format: str = "auto",
                   kv_cache_memory: int | str | None = None, seed: int = 0,
-                  quantization: str | None = None) -> "LLMEngine":
+                  quantization: str | None = None, enforce_eager: bool = False) -> "LLMEngine":
         source = resolve_model(model)
         dev = resolve_device(device)
         quantization = resolve_quantization(quantization)
@@ -103,7 +104,14 @@ class LLMEngine:
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if attention_backend == "auto":
-            attention_backend = "triton" if dev.type == "cuda" else "torch"
+            attention_backend = "triton" if dev.type == "cuda" else \
+                "cpu" if cpu_kernels.supports(dt) and cpu_kernels.available() else "torch"
+        if attention_backend == "cpu":
+            if dev.type != "cpu" or not cpu_kernels.supports(dt):
+                raise ValueError("attention_backend='cpu' runs float32 or bfloat16 on the CPU")
+            if not cpu_kernels.available():
+                raise ValueError(f"attention_backend='cpu' needs kvserve's CPU kernels, which "
+                                 f"could not be built: {cpu_kernels.unavailable_reason()}")
         if attention_backend == "triton" and dev.type != "cuda" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend='triton' on the CPU needs TRITON_INTERPRET=1 in "
@@ -136,7 +144,8 @@ class LLMEngine:
                               max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len,
                               enable_prefix_caching=enable_prefix_caching,
-                              attention_backend=attention_backend)
+                              attention_backend=attention_backend,
+                              enforce_eager=enforce_eager)
         logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB", num_blocks,
                     block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20)
         return cls(config, net, load_tokenizer(source), model_name=source.name)

@@ -9,6 +9,12 @@ from engine.config import EngineConfig
 from engine.models import CausalLM
 from engine.sampler import compute_logprobs
 from engine.sequence import Sequence
+from kernels import cpu as cpu_kernels
+
+# Steps with at most this many tokens run the fused decoder forward (kernels/cpu.py); longer
+# ones (prefill chunks) run torch's GEMMs, which win once there are many rows per weight
+# (bench/step.py measures the crossover).
+FAST_MAX_TOKENS = 32
 
 
 class ModelRunner:
@@ -23,6 +29,19 @@ class ModelRunner:
                                     m.num_kv_heads, m.head_dim, dtype=config.dtype,
                                     device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.fast = None
+        if (not config.enforce_eager and self.device.type == "cpu"
+                and cpu_kernels.Forward.supported(model) and cpu_kernels.available()):
+            self.fast = cpu_kernels.Forward(model, self.kv_caches, config.block_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of the flat batch: the fused forward for few tokens,
+        the torch model otherwise."""
+        if self.fast is not None and input_ids.shape[0] <= FAST_MAX_TOKENS:
+            return self.fast(self.model.embed_tokens(input_ids), positions, meta.slot_mapping,
+                             meta.block_tables, meta.cu_seqlens_q, meta.seq_lens)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_tokens: list[int],
@@ -33,7 +52,7 @@ class ModelRunner:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         input_ids, positions, meta, sample_rows = self._prepare(seqs, num_tokens)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        hidden = self.forward(input_ids, positions, meta)
         if any(s.prompt_logprobs is not None for s in seqs):
             self._prompt_logprobs(seqs, num_tokens, hidden)
         sampling = [seqs[i] for i in sample_rows.tolist()]

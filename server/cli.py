@@ -19,10 +19,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     g.add_argument("--quantization", default=None, choices=["none", "int4"],
                    help="int4: weight-only int4 linears (CPU, bfloat16 activations)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step as eager torch ops (no fused CPU decode forward)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -31,7 +33,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-                load_format=args.load_format, quantization=args.quantization)
+                load_format=args.load_format, quantization=args.quantization,
+                enforce_eager=args.enforce_eager)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,260 @@
+"""kvserve's CPU kernels (kernels/csrc/cpu_kernels.cpp), built on first use and called via ctypes.
+
+The source has no torch headers, so `c++ -O3 -march=native -fopenmp` builds it in a few
+seconds. The library is cached under $KVSERVE_CACHE (default ~/.cache/kvserve)/cpu_kernels,
+keyed by a hash of the source, the compiler and the CPU flags, so a second start loads it at
+once. Its OpenMP calls resolve to the libgomp that torch has loaded (same soname), so torch's
+ops and these kernels share one thread team. Where no compiler is found or the build fails,
+`available()` is False, the reason is logged once, and callers use the torch paths.
+
+Kernels (fp32 or bf16 tensors, CPU, contiguous):
+- `paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, window)`:
+  the signature and semantics of `kernels.reference.paged_attention_ref`, reading each live
+  K/V row once straight from the paged cache; a sequence costs what its own keys cost.
+- `linear(x, w, bias=None, out_fp32=False)`: x @ w.T (+ bias) for the few-row case (decode),
+  one pass over each weight row per 8 input rows.
+- `Forward`: the whole decoder stack of a `CausalLM` for a small flat batch in one call.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("kvserve.kernels")
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+          "-fno-math-errno"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "kvs_has_avx512_bf16": ([], ctypes.c_int),
+    "kvs_linear": ([ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+                   ctypes.c_int),
+    "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
+                             _I, ctypes.c_float, _I, _P, ctypes.c_int], ctypes.c_int),
+    "kvs_forward": ([ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, _P,
+                     _P, _I, _I, _P, ctypes.c_int], ctypes.c_int),
+}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVSERVE_CACHE") or Path.home() / ".cache" / "kvserve"
+    return Path(root) / "cpu_kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") \
+        or shutil.which("clang++")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++, g++ or clang++) on PATH")
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src + " ".join(CFLAGS).encode() + version.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    target = cache_dir() / f"libkvserve_cpu_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("building the CPU kernels (%s, once; cached in %s)", cxx, target.parent)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            proc = subprocess.run([cxx, *CFLAGS, str(SOURCE), "-o", str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
+            os.replace(out, target)  # atomic: a concurrent process sees all or nothing
+    lib = ctypes.CDLL(str(target))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None where it cannot be built."""
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            if os.environ.get("KVSERVE_DISABLE_CPU_KERNELS") == "1":
+                _error = "disabled by KVSERVE_DISABLE_CPU_KERNELS=1"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as e:  # no compiler, failed build, unloadable library
+                    _error = str(e)
+            if _error:
+                logger.warning("CPU kernels unavailable (%s); using the torch paths", _error)
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _error
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in DTYPE_CODES
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise ValueError(f"{what}: shape not supported by the CPU kernel (head_dim <= 256, "
+                         f"at most 16 query heads per KV head)")
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    # q: [T, Hq, D]; caches: [N, B, Hkv, D] (fp32 or bf16) -> [T, Hq, D] in the cache dtype
+    lib = library()
+    num_tokens, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty(num_tokens, hq, d, dtype=k_cache.dtype)
+    if num_tokens == 0 or seq_lens.numel() == 0:
+        return out
+    qf = q.float().contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    cu = cu_seqlens_q.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    rc = lib.kvs_paged_attention(DTYPE_CODES[k_cache.dtype], qf.data_ptr(), hq * d,
+                                 k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                 tables.shape[1], cu.data_ptr(), lens.data_ptr(), lens.numel(),
+                                 num_tokens, hq, hkv, d, block_size, float(scale),
+                                 int(sliding_window or 0), out.data_ptr(),
+                                 torch.get_num_threads())
+    _check(rc, "paged_attention")
+    return out.to(q.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           out_fp32: bool = False) -> torch.Tensor:
+    # x: [M, K]; w: [N, K] same dtype (fp32/bf16) -> [M, N] (fp32 if out_fp32)
+    lib = library()
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
+    lib.kvs_linear(DTYPE_CODES[w.dtype], x.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(),
+                   m, n, k, int(out_fp32), torch.get_num_threads())
+    return y
+
+
+class Forward:
+    """A CausalLM's decoder stack as one kernel call: embeddings in, final-norm hidden out.
+
+    Binds the model's weights and the KV cache once (pointers; they must stay put). Each call
+    takes the flat batch the runner prepared. Built only for plain fp32/bf16 linear weights
+    (`Forward.supported(model)`); quantized layers keep the torch path.
+    """
+
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 block_size: int):
+        self.lib = library()
+        cfg = model.config
+        self.dtype = model.embed_tokens.weight.dtype
+        self.code = DTYPE_CODES[self.dtype]
+        self.eps = float(cfg.rms_norm_eps)
+        self.hidden = cfg.hidden_size
+        self.block_size = block_size
+        self._keep = []  # tensors whose pointers the kernel holds
+        ptrs = []
+        for layer, (kc, vc) in zip(model.layers, kv_caches):
+            attn, mlp = layer.self_attn, layer.mlp
+            tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                       attn.q_norm.weight if attn.qk_norm else None,
+                       attn.k_norm.weight if attn.qk_norm else None,
+                       attn.o_proj.weight, layer.post_attention_layernorm.weight,
+                       mlp.gate_up_proj.weight, mlp.down_proj.weight, kc, vc]
+            for t in tensors:
+                if t is not None:
+                    assert t.is_contiguous() and (t.dtype == self.dtype), (t.shape, t.dtype)
+                    self._keep.append(t)
+            ptrs += [_ptr(t) or 0 for t in tensors]
+        self.layer_ptrs = torch.tensor(ptrs, dtype=torch.int64)
+        self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
+        self.final_norm = model.norm.weight
+        self.cos = model.rope.cos.float().contiguous()
+        self.sin = model.rope.sin.float().contiguous()
+        self.max_positions = self.cos.shape[0]
+        self.dims_base = [cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                          cfg.head_dim, cfg.intermediate_size, block_size]
+
+    @staticmethod
+    def supported(model) -> bool:
+        from torch import nn
+        dtype = model.embed_tokens.weight.dtype
+        if dtype not in DTYPE_CODES or model.embed_tokens.weight.device.type != "cpu":
+            return False
+        cfg = model.config
+        if cfg.head_dim > 256 or cfg.num_heads // cfg.num_kv_heads > 16 or cfg.head_dim % 2:
+            return False
+        for layer in model.layers:
+            for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                        layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                if type(lin) is not nn.Linear or lin.weight.dtype != dtype:
+                    return False
+        return True
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 seq_lens: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] embeddings (model dtype) -> [T, hidden] after the final norm
+        num_tokens = x.shape[0]
+        out = torch.empty(num_tokens, self.hidden, dtype=self.dtype)
+        x = x.contiguous()
+        positions = positions.to(torch.int64).contiguous()
+        slots = slot_mapping.to(torch.int64).contiguous()
+        tables = block_tables.to(torch.int32).contiguous()
+        cu = cu_seqlens_q.to(torch.int32).contiguous()
+        lens = seq_lens.to(torch.int32).contiguous()
+        dims = torch.tensor(self.dims_base + [tables.shape[1], self.max_positions],
+                            dtype=torch.int64)
+        rc = self.lib.kvs_forward(self.code, dims.data_ptr(), self.layer_ptrs.data_ptr(),
+                                  self.windows.data_ptr(), self.final_norm.data_ptr(),
+                                  self.cos.data_ptr(), self.sin.data_ptr(), self.eps,
+                                  x.data_ptr(), positions.data_ptr(), slots.data_ptr(),
+                                  tables.data_ptr(), cu.data_ptr(), lens.data_ptr(), num_tokens,
+                                  lens.numel(), out.data_ptr(), torch.get_num_threads())
+        _check(rc, "forward")
+        return out

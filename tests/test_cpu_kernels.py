@@ -1,0 +1,180 @@
+"""kvserve's C++ CPU kernels (kernels/cpu.py) against the torch reference and transformers.
+
+- paged attention: the reference's semantics (GQA, windows, multi-token queries, chunked
+  long sequences), never reading freed blocks (NaN-poisoned), fp32 and bf16;
+- the small-M linear layer against F.linear;
+- the fused decoder forward against transformers' logits for every architecture, and the
+  engine's greedy tokens through it.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu
+from kernels.reference import paged_attention_ref
+
+pytestmark = pytest.mark.skipif(not cpu.available(),
+                                reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+
+def _case(gen, dtype, hq, hkv, d, bs, seq_lens, q_lens, window, poison=True):
+    """A paged cache with shuffled tables; blocks no query may see are filled with NaN."""
+    num_blocks = sum((s + bs - 1) // bs for s in seq_lens) + 3
+    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=gen).to(dtype)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    width = max((s + bs - 1) // bs for s in seq_lens) + 1
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = set()
+    for s, (length, ql) in enumerate(zip(seq_lens, q_lens)):
+        nb = (length + bs - 1) // bs
+        tables[s, :nb] = torch.tensor(perm[:nb], dtype=torch.int32)
+        perm = perm[nb:]
+        first_live = max(0, length - ql - (window or 10**9) + 1)  # first key any query sees
+        for b in range(nb):
+            if (b + 1) * bs > first_live:
+                used.add(int(tables[s, b]))
+        tables[s, nb:] = 0  # unused entries point at block 0
+    if poison:
+        for b in range(num_blocks):
+            if b not in used:
+                k_cache[b] = float("nan")
+                v_cache[b] = float("nan")
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), hq, d, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, cu, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+CASES = [  # hq, hkv, d, block size, seq lens, query lens, window
+    (9, 3, 64, 16, [1, 37, 100, 300], [1, 5, 1, 20], None),      # decode + chunks, GQA 3
+    (8, 2, 128, 16, [40, 41, 700], [1, 1, 1], 7),                # window < block
+    (4, 4, 64, 32, [90, 33], [1, 33], 40),                       # MHA, window > block
+    (12, 1, 64, 16, [600, 1], [1, 1], None),                     # MQA, 3 key chunks + 1 key
+    (16, 2, 32, 8, [2000, 10, 10], [1, 1, 10], 1500),            # a long window, 8 chunks
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_attention_matches_reference(case, dtype):
+    hq, hkv, d, bs, seq_lens, q_lens, window = case
+    gen = torch.Generator().manual_seed(hash((hq, d, bs)) % 1000)
+    q, kc, vc, tables, cu, lens = _case(gen, dtype, hq, hkv, d, bs, seq_lens, q_lens, window)
+    out = cpu.paged_attention(q, kc, vc, tables, cu, lens, d ** -0.5, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), "read a block that no query may see"
+    clean = [torch.nan_to_num(c.float(), nan=0.0) for c in (kc, vc)]
+    ref = paged_attention_ref(q.float(), *clean, tables, cu, lens, d ** -0.5, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.float() - ref).abs().max().item() < tol
+
+
+def test_attention_window_changes_the_output():
+    """The test above can fail: the same case without its window gives other numbers."""
+    gen = torch.Generator().manual_seed(0)
+    q, kc, vc, tables, cu, lens = _case(gen, torch.float32, 8, 2, 64, 16, [200], [1], 16,
+                                        poison=False)
+    a = cpu.paged_attention(q, kc, vc, tables, cu, lens, 0.125, 16)
+    b = cpu.paged_attention(q, kc, vc, tables, cu, lens, 0.125, None)
+    assert (a - b).abs().max().item() > 1e-2
+
+
+def test_attention_cost_follows_each_sequence():
+    """A long sequence beside short ones: the short ones' outputs are the same as alone."""
+    gen = torch.Generator().manual_seed(1)
+    q, kc, vc, tables, cu, lens = _case(gen, torch.float32, 9, 3, 64, 16, [3000, 20, 21],
+                                        [1, 1, 1], None)
+    both = cpu.paged_attention(q, kc, vc, tables, cu, lens, 0.125)
+    alone = cpu.paged_attention(q[1:], kc, vc, tables[1:, :2], cu[:3] - 0, lens[1:], 0.125)
+    assert torch.equal(both[1:], alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (7, 33, 576), (8, 64, 40), (9, 17, 100),
+                                   (17, 960, 576)])
+def test_linear_matches_torch(dtype, m, n, k):
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    ref = F.linear(x.float(), w.float(), b.float())
+    y = cpu.linear(x, w, b, out_fp32=True)
+    assert y.dtype == torch.float32
+    assert (y - ref).abs().max().item() < 1e-3 * k ** 0.5
+    y_t = cpu.linear(x, w)
+    assert y_t.dtype == dtype
+    assert (y_t.float() - F.linear(x.float(), w.float())).abs().max().item() \
+        < (1e-3 if dtype == torch.float32 else 0.05) * k ** 0.5
+
+
+# ------------------------------------------------------------------ the fused forward
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral-window", "qwen2", "qwen3"])
+def tiny(request, tmp_path_factory):
+    from test_models_hf import make_model
+    path = tmp_path_factory.mktemp("fast-" + request.param)
+    return request.param, path, make_model(request.param, path)
+
+
+def _fast_logits(engine, ids):
+    """All-position logits of one prompt through the runner's fused forward."""
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import Sequence
+    runner = engine.runner
+    seq = Sequence("fast", 0, ids, SamplingParams())
+    engine.kv.allocate(seq, len(ids))
+    try:
+        with torch.inference_mode():
+            input_ids, positions, meta, _ = runner._prepare([seq], [len(ids)])
+            hidden = runner.fast(runner.model.embed_tokens(input_ids), positions,
+                                 meta.slot_mapping, meta.block_tables, meta.cu_seqlens_q,
+                                 meta.seq_lens)
+            return runner.model.compute_logits(hidden)
+    finally:
+        engine.kv.free(seq)
+
+
+def test_fused_forward_matches_transformers(tiny):
+    from engine import LLM
+    from test_models_hf import PROMPTS
+    kind, path, hf = tiny
+    llm = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    assert llm.engine.runner.fast is not None, "the fused forward is the default on the CPU"
+    assert llm.engine.config.attention_backend == "cpu"
+    for ids in PROMPTS:
+        with torch.inference_mode():
+            ref = hf(torch.tensor([ids])).logits[0]
+        diff = (_fast_logits(llm.engine, ids) - ref).abs().max().item()
+        assert diff < 1e-4, f"{kind}: max |logit diff| {diff:.2e} at length {len(ids)}"
+
+
+def test_enforce_eager_and_torch_backend_are_the_old_path(tiny):
+    from engine import LLM, SamplingParams
+    from test_models_hf import PROMPTS
+    _, path, _ = tiny
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    eager = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64,
+                enforce_eager=True, attention_backend="torch")
+    assert eager.engine.runner.fast is None
+    fast = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    a = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params, use_tqdm=False)]
+    b = [o.outputs[0].token_ids for o in fast.generate(PROMPTS, params, use_tqdm=False)]
+    assert a == b
+
+
+def test_bf16_fused_forward_stays_close_to_fp32(tiny):
+    """bf16 through the fused forward: same argmax as fp32 at nearly every position."""
+    from engine import LLM
+    from test_models_hf import PROMPTS
+    _, path, _ = tiny
+    f32 = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    b16 = LLM(model=str(path), dtype="bfloat16", device="cpu", num_kv_blocks=64)
+    assert b16.engine.runner.fast is not None
+    agree = total = 0
+    for ids in PROMPTS:
+        a = _fast_logits(f32.engine, ids).argmax(-1)
+        b = _fast_logits(b16.engine, ids).argmax(-1)
+        agree += int((a == b).sum())
+        total += len(ids)
+    assert agree / total > 0.9
