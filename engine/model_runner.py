@@ -60,7 +60,14 @@ class ModelRunner:
             return [], None
         last = meta.cu_seqlens_q[1:].long() - 1
         rows = last[torch.from_numpy(sample_rows).to(self.device)]
-        return sampling, self.model.compute_logits(hidden[rows])
+        return sampling, self.logits(hidden[rows])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 [N, vocab]; few rows go through the CPU kernel, which reads
+        the vocab matrix at ~3x the bandwidth of torch's bf16 GEMV here (bench/step.py)."""
+        if self.fast is not None and hidden.shape[0] <= FAST_MAX_TOKENS:
+            return self.fast.logits(hidden)
+        return self.model.compute_logits(hidden)
 
     def _prompt_logprobs(self, seqs: list[Sequence], num_tokens: list[int],
                          hidden: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ import torch
 logger = logging.getLogger("kvserve.kernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared", "-std=c++17",
           "-fno-math-errno"]
 
 _lock = threading.Lock()
@@ -214,11 +214,16 @@ class Forward:
         self.layer_ptrs = torch.tensor(ptrs, dtype=torch.int64)
         self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
         self.final_norm = model.norm.weight
+        self.lm_head = model.lm_head.weight
         self.cos = model.rope.cos.float().contiguous()
         self.sin = model.rope.sin.float().contiguous()
         self.max_positions = self.cos.shape[0]
         self.dims_base = [cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                           cfg.head_dim, cfg.intermediate_size, block_size]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] model dtype -> float32 [N, vocab]
+        return linear(hidden, self.lm_head, out_fp32=True)
 
     @staticmethod
     def supported(model) -> bool:
@@ -234,7 +239,9 @@ class Forward:
                         layer.mlp.gate_up_proj, layer.mlp.down_proj):
                 if type(lin) is not nn.Linear or lin.weight.dtype != dtype:
                     return False
-        return True
+        head = model.lm_head
+        return type(head) is nn.Linear and head.weight.dtype == dtype \
+            and head.weight.is_contiguous()
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,

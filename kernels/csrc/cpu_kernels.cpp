@@ -1,10 +1,9 @@
 // kvserve's CPU kernels: paged attention that reads each K/V row once, small-M linear layers,
 // and a whole decoder forward for small token counts (decode steps) in one call.
 //
-// Built by kernels/cpu.py with the system C++ compiler (-O3 -march=native -fopenmp) into a
-// cache directory and called through ctypes with raw pointers; no torch headers, so the
-// build takes seconds. OpenMP resolves to the libgomp that torch has already loaded (same
-// soname), so the kernels and torch share one thread pool.
+// Built by kernels/cpu.py with the system C++ compiler (-O3 -march=native) into a cache
+// directory and called through ctypes with raw pointers; no torch headers, so the build
+// takes seconds. Threads come from the small pool below, not OpenMP (it says why).
 //
 // Element type T is float (fp32 models) or bf16 (stored as uint16_t). Arithmetic is fp32;
 // with AVX-512 BF16 the bf16 dot products use vdpbf16ps (bf16 x bf16 -> fp32 accumulate,
@@ -15,7 +14,13 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
-#include <omp.h>
+#include <atomic>
+#include <climits>
+#include <mutex>
+#include <thread>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -44,93 +49,307 @@ template <typename T> static inline T st(float v);
 template <> inline float st<float>(float v) { return v; }
 template <> inline bf16 st<bf16>(float v) { return f2bf(v); }
 
+// ------------------------------------------------------------------------------ thread pool
+//
+// Work is split into chunks that threads claim with one compare-and-swap; the caller waits
+// for the chunks to be done, not for the threads to arrive. A worker that the OS has
+// descheduled (the HTTP thread or another process holds its core) therefore delays nothing:
+// the caller and any other worker take its share. With OpenMP-style barriers every op would
+// wait for that thread's next time slice (a step went from ~30 ms to ~1.4 s here with one
+// core busy). Idle workers spin for a short while, then sleep on a futex.
+
+typedef void (*ChunkFn)(void* ctx, int64_t chunk);
+
+struct Pool {
+    int nthreads = 1;                        // including the caller
+    std::vector<std::thread> workers;
+    std::atomic<uint64_t> state{0};          // generation << 32 | next chunk to claim
+    std::atomic<int64_t> done{0};
+    std::atomic<uint32_t> epoch{0};          // futex word: bumped when a job is published
+    std::atomic<int> sleepers{0};
+    std::atomic<bool> stop{false};
+    // The job: written while the state is CLOSED, read by workers after they see it open.
+    std::atomic<ChunkFn> fn{nullptr};
+    std::atomic<void*> ctx{nullptr};
+    std::atomic<int64_t> nchunks{0};
+    static constexpr uint64_t CLOSED = 0xffffffffu;
+
+    static long futex(std::atomic<uint32_t>* addr, int op, uint32_t val) {
+        return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, nullptr,
+                       nullptr, 0);
+    }
+
+    // Claims and runs chunks of the job whose state was `seen`; returns when none are left.
+    void work(uint64_t seen) {
+        const uint32_t gen = (uint32_t)(seen >> 32);
+        ChunkFn f = fn.load(std::memory_order_relaxed);
+        void* c = ctx.load(std::memory_order_relaxed);
+        const int64_t n = nchunks.load(std::memory_order_relaxed);
+        // A claim succeeds only while the state still has this generation, so fields read
+        // above belong to it: publishing another job first closes the state (new generation).
+        uint64_t v = state.load(std::memory_order_acquire);
+        while ((uint32_t)(v >> 32) == gen && (int64_t)(v & 0xffffffffu) < n) {
+            if (state.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+                f(c, (int64_t)(v & 0xffffffffu));
+                done.fetch_add(1, std::memory_order_release);
+                v = state.load(std::memory_order_acquire);
+            }
+        }
+    }
+
+    void worker_loop() {
+        uint32_t last_gen = 0;
+        while (!stop.load(std::memory_order_acquire)) {
+            uint64_t v = state.load(std::memory_order_acquire);
+            int spins = 0;
+            auto idle = [&](uint64_t x) {
+                return (uint32_t)(x >> 32) == last_gen || (x & 0xffffffffu) == CLOSED;
+            };
+            while (idle(v) && !stop.load(std::memory_order_relaxed)) {
+                if (++spins < 20000) {
+#if defined(__x86_64__)
+                    _mm_pause();
+#endif
+                } else {
+                    const uint32_t e = epoch.load(std::memory_order_acquire);
+                    sleepers.fetch_add(1, std::memory_order_acq_rel);
+                    v = state.load(std::memory_order_acquire);
+                    if (idle(v) && !stop.load())
+                        futex(&epoch, FUTEX_WAIT_PRIVATE, e);
+                    sleepers.fetch_sub(1, std::memory_order_acq_rel);
+                    spins = 0;
+                }
+                v = state.load(std::memory_order_acquire);
+            }
+            if (stop.load()) break;
+            last_gen = (uint32_t)(v >> 32);
+            // Job fields are read inside work() and validated by the claiming CAS.
+            work(v);
+        }
+    }
+
+    void start(int n) {
+        shutdown();
+        stop = false;
+        nthreads = std::max(1, n);
+        for (int i = 1; i < nthreads; ++i) workers.emplace_back([this] { worker_loop(); });
+    }
+
+    void shutdown() {
+        stop = true;
+        epoch.fetch_add(1);
+        futex(&epoch, FUTEX_WAKE_PRIVATE, INT32_MAX);
+        for (auto& t : workers) t.join();
+        workers.clear();
+    }
+
+    // Runs fn(ctx, i) for i in [0, n) on the caller and the workers; returns when all are done.
+    void run(ChunkFn f, void* c, int64_t n) {
+        if (n <= 0) return;
+        if (nthreads == 1 || n == 1) {
+            for (int64_t i = 0; i < n; ++i) f(c, i);
+            return;
+        }
+        uint64_t gen = state.load(std::memory_order_relaxed) >> 32;
+        state.store(((gen + 1) << 32) | CLOSED, std::memory_order_release);
+        fn.store(f, std::memory_order_relaxed);
+        ctx.store(c, std::memory_order_relaxed);
+        nchunks.store(n, std::memory_order_relaxed);
+        done.store(0, std::memory_order_relaxed);
+        gen += 2;
+        state.store(gen << 32, std::memory_order_release);
+        if (sleepers.load(std::memory_order_acquire) > 0) {
+            epoch.fetch_add(1, std::memory_order_acq_rel);
+            futex(&epoch, FUTEX_WAKE_PRIVATE, INT32_MAX);
+        }
+        work(gen << 32);
+        while (done.load(std::memory_order_acquire) < n) {
+#if defined(__x86_64__)
+            _mm_pause();
+#endif
+        }
+    }
+
+    ~Pool() { shutdown(); }
+};
+
+static std::mutex pool_mutex;
+static Pool* the_pool = nullptr;
+
+// The process-wide pool with n threads (rebuilt when n changes). One caller at a time: the
+// engine steps from one thread; kvs_* entry points hold pool_mutex while they run.
+static Pool& pool(int n) {
+    if (the_pool == nullptr) the_pool = new Pool();
+    if (the_pool->nthreads != n || (n > 1 && the_pool->workers.empty())) the_pool->start(n);
+    return *the_pool;
+}
+
+// Runs body(i) for i in [0, n) in parallel.
+template <typename F>
+static void parallel_for(Pool& p, int64_t n, F&& body) {
+    struct Ctx { F* f; };
+    Ctx c{&body};
+    p.run([](void* ctx, int64_t i) { (*static_cast<Ctx*>(ctx)->f)(i); }, &c, n);
+}
+
 // ------------------------------------------------------------------------------ linear
 
 // y[m, n] (=|+=) sum_k x[m, k] * w[n, k] (+ bias[n]) for rows n in [n0, n1).
 // x is T [M, K] contiguous, w is T [N, K] (nn.Linear's layout), y is fp32 [M, ldy] or T.
 enum OutMode { OUT_F32 = 0, OUT_ADD_F32 = 1, OUT_T = 2 };
 
-static const int MT = 8;  // x rows per pass over a weight row (register accumulators)
+static const int NR = 1;  // weight rows per micro-kernel
+static const int MT = 8;
 
-template <typename T>
-static inline void dot_rows(const T* x, int64_t K, const T* wrow, int mcount, float* out);
+// Micro<T, MC>::run: out[r][m] = dot(w row r, x row m) for r < nr (<= NR), m < MC, over K.
+template <typename T, int MC> struct MicroScalar {
+    static inline void run(const T* x, int64_t K, const T* w, int nr, float out[NR][MT]) {
+        for (int r = 0; r < nr; ++r)
+            for (int m = 0; m < MC; ++m) {
+                float s = 0.f;
+                for (int64_t k = 0; k < K; ++k) s += ld<T>(x, m * K + k) * ld<T>(w, r * K + k);
+                out[r][m] = s;
+            }
+    }
+};
+template <typename T, int MC> struct Micro : MicroScalar<T, MC> {};
 
-template <>
-inline void dot_rows<float>(const float* x, int64_t K, const float* wrow, int mcount, float* out) {
 #if defined(__AVX512F__)
-    __m512 acc[MT];
-    for (int m = 0; m < mcount; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 w = _mm512_loadu_ps(wrow + k);
-        for (int m = 0; m < mcount; ++m)
-            acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w, acc[m]);
+template <int MC> struct Micro<float, MC> {
+    static inline void run(const float* x, int64_t K, const float* w, int nr, float out[NR][MT]) {
+        __m512 acc[NR][MC];
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+        const float* wr[NR];
+        for (int r = 0; r < NR; ++r) wr[r] = w + (r < nr ? r : 0) * K;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 xv[MC];
+            for (int m = 0; m < MC; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+            for (int r = 0; r < NR; ++r) {
+                const __m512 wv = _mm512_loadu_ps(wr[r] + k);
+                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
+            }
+        }
+        if (k < K) {
+            const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+            __m512 xv[MC];
+            for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+            for (int r = 0; r < NR; ++r) {
+                const __m512 wv = _mm512_maskz_loadu_ps(mask, wr[r] + k);
+                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
+            }
+        }
+        for (int r = 0; r < nr; ++r)
+            for (int m = 0; m < MC; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
     }
-    if (k < K) {
-        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
-        __m512 w = _mm512_maskz_loadu_ps(mask, wrow + k);
-        for (int m = 0; m < mcount; ++m)
-            acc[m] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + m * K + k), w, acc[m]);
-    }
-    for (int m = 0; m < mcount; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
-#else
-    for (int m = 0; m < mcount; ++m) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * wrow[k];
-        out[m] = s;
-    }
+};
 #endif
-}
 
-template <>
-inline void dot_rows<bf16>(const bf16* x, int64_t K, const bf16* wrow, int mcount, float* out) {
 #if defined(__AVX512BF16__)
-    __m512 acc[MT];
-    for (int m = 0; m < mcount; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512bh w = (__m512bh)_mm512_loadu_si512(wrow + k);
-        for (int m = 0; m < mcount; ++m)
-            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w);
+template <int MC> struct Micro<bf16, MC> {
+    static inline void run(const bf16* x, int64_t K, const bf16* w, int nr, float out[NR][MT]) {
+        __m512 acc[NR][MC];
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+        const bf16* wr[NR];
+        for (int r = 0; r < NR; ++r) wr[r] = w + (r < nr ? r : 0) * K;
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m512bh xv[MC];
+            for (int m = 0; m < MC; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+            for (int r = 0; r < NR; ++r) {
+                const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[r] + k);
+                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+            }
+        }
+        if (k < K) {
+            const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+            __m512bh xv[MC];
+            for (int m = 0; m < MC; ++m)
+                xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+            for (int r = 0; r < NR; ++r) {
+                const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[r] + k);
+                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+            }
+        }
+        for (int r = 0; r < nr; ++r)
+            for (int m = 0; m < MC; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
     }
-    if (k < K) {
-        __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
-        __m512bh w = (__m512bh)_mm512_maskz_loadu_epi16(mask, wrow + k);
-        for (int m = 0; m < mcount; ++m)
-            acc[m] = _mm512_dpbf16_ps(
-                acc[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k), w);
-    }
-    for (int m = 0; m < mcount; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
-#else
-    for (int m = 0; m < mcount; ++m) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += bf2f(x[m * K + k]) * bf2f(wrow[k]);
-        out[m] = s;
-    }
+};
 #endif
+
+template <typename T>
+static inline void micro_dispatch(const T* x, int64_t K, const T* w, int nr, int mc,
+                                  float out[NR][MT]) {
+    switch (mc) {
+        case 1: Micro<T, 1>::run(x, K, w, nr, out); break;
+        case 2: Micro<T, 2>::run(x, K, w, nr, out); break;
+        case 3: Micro<T, 3>::run(x, K, w, nr, out); break;
+        case 4: Micro<T, 4>::run(x, K, w, nr, out); break;
+        case 5: Micro<T, 5>::run(x, K, w, nr, out); break;
+        case 6: Micro<T, 6>::run(x, K, w, nr, out); break;
+        case 7: Micro<T, 7>::run(x, K, w, nr, out); break;
+        default: Micro<T, 8>::run(x, K, w, nr, out); break;
+    }
 }
 
-// The row loop of a linear layer; call inside a parallel region (it is an `omp for`).
+// out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M.
 template <typename T>
-static void linear_rows(const T* x, const T* w, const T* bias, void* y, int64_t M, int64_t N,
-                        int64_t K, int64_t ldy, int mode) {
-    #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const T* wrow = w + n * K;
-        const float b = bias ? ld<T>(bias, n) : 0.f;
-        float out[MT];
+static void gemm_block(const T* x, const T* w, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                       float* out, int64_t ldo) {
+    for (int64_t n = n0; n < n1; n += NR) {
+        const int nr = (int)std::min<int64_t>(NR, n1 - n);
+        float acc[NR][MT];
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             const int mc = (int)std::min<int64_t>(MT, M - m0);
-            dot_rows<T>(x + m0 * K, K, wrow, mc, out);
-            for (int m = 0; m < mc; ++m) {
-                const float v = out[m] + b;
-                const int64_t at = (m0 + m) * ldy + n;
+            micro_dispatch<T>(x + m0 * K, K, w + n * K, nr, mc, acc);
+            for (int r = 0; r < nr; ++r)
+                for (int m = 0; m < mc; ++m) out[(m0 + m) * ldo + (n - n0) + r] = acc[r][m];
+        }
+    }
+}
+
+static const int64_t ROWS = 16;  // weight rows per chunk of work
+
+// y[m, n] (=|+=) x[m] . w[n] (+ bias[n]): x T [M, K], w T [N, K] (nn.Linear's layout),
+// y fp32 or T with row stride ldy.
+template <typename T>
+static void linear(Pool& p, const T* x, const T* w, const T* bias, void* y, int64_t M,
+                   int64_t N, int64_t K, int64_t ldy, int mode) {
+    parallel_for(p, (N + ROWS - 1) / ROWS, [&](int64_t c) {
+        const int64_t n0 = c * ROWS, n1 = std::min(N, n0 + ROWS);
+        std::vector<float> tmp;
+        float local[MT * ROWS];
+        float* out = local;
+        if (M > MT) { tmp.resize(M * ROWS); out = tmp.data(); }
+        gemm_block<T>(x, w, M, K, n0, n1, out, ROWS);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = n0; n < n1; ++n) {
+                const float v = out[m * ROWS + (n - n0)] + (bias ? ld<T>(bias, n) : 0.f);
+                const int64_t at = m * ldy + n;
                 if (mode == OUT_F32) ((float*)y)[at] = v;
                 else if (mode == OUT_ADD_F32) ((float*)y)[at] += v;
                 else ((T*)y)[at] = st<T>(v);
             }
-        }
-    }
+    });
+}
+
+// act[m, n] = silu(x[m] . w[n]) * (x[m] . w[I + n]) for the fused gate/up projection.
+template <typename T>
+static void gate_up_silu(Pool& p, const T* x, const T* w, T* act, int64_t M, int64_t I,
+                         int64_t K) {
+    parallel_for(p, (I + ROWS - 1) / ROWS, [&](int64_t c) {
+        const int64_t n0 = c * ROWS, n1 = std::min(I, n0 + ROWS);
+        std::vector<float> g(M * ROWS), u(M * ROWS);
+        gemm_block<T>(x, w, M, K, n0, n1, g.data(), ROWS);
+        gemm_block<T>(x, w, M, K, I + n0, I + n1, u.data(), ROWS);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = n0; n < n1; ++n) {
+                const float a = g[m * ROWS + n - n0], b = u[m * ROWS + n - n0];
+                act[m * I + n] = st<T>(a / (1.f + std::exp(-a)) * b);
+            }
+    });
 }
 
 // ------------------------------------------------------------------------------ attention
@@ -221,19 +440,16 @@ static void attn_items(const AttnArgs& a, std::vector<Item>& items, std::vector<
     first[a.num_tokens] = (int32_t)items.size();
 }
 
-// Call inside a parallel region; items/first/part are shared.
 template <typename T>
-static void attention_body(const AttnArgs& a, const std::vector<Item>& items,
+static void attention_body(Pool& p, const AttnArgs& a, const std::vector<Item>& items,
                            const std::vector<int32_t>& first, float* part) {
     const int64_t G = a.hq / a.hkv, D = a.d, per = G * (2 + D);
-    const int64_t n = (int64_t)items.size() * a.hkv;
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < n; ++w) {
+    parallel_for(p, (int64_t)items.size() * a.hkv, [&](int64_t w) {
         const int64_t i = w / a.hkv, h = w % a.hkv;
         attn_item<T>(a, items[i], h, part + (i * a.hkv + h) * per);
-    }
-    #pragma omp for schedule(static)
-    for (int64_t w = 0; w < a.num_tokens * a.hkv; ++w) {
+    });
+    // Merge each token's key chunks (one chunk for all but long sequences).
+    parallel_for(p, a.num_tokens * a.hkv, [&](int64_t w) {
         const int64_t t = w / a.hkv, h = w % a.hkv;
         T* out = (T*)a.out;
         for (int64_t g = 0; g < G; ++g) {
@@ -253,19 +469,18 @@ static void attention_body(const AttnArgs& a, const std::vector<Item>& items,
             const float inv = L > 0.f ? 1.f / L : 0.f;
             for (int64_t d = 0; d < D; ++d) o[d] = st<T>(acc[d] * inv);
         }
-    }
+    });
 }
 
 template <typename T>
-static int attention(const AttnArgs& a, int nthreads) {
+static int attention(Pool& p, const AttnArgs& a) {
     if (a.d > 256 || a.hq / a.hkv > MAXG) return 1;
     std::vector<Item> items;
     std::vector<int32_t> first;
     attn_items(a, items, first);
     const int64_t per = (a.hq / a.hkv) * (2 + a.d);
     std::vector<float> part(std::max<size_t>(1, items.size() * a.hkv * per));
-    #pragma omp parallel num_threads(nthreads)
-    attention_body<T>(a, items, first, part.data());
+    attention_body<T>(p, a, items, first, part.data());
     return 0;
 }
 
@@ -280,7 +495,6 @@ enum Dim { D_LAYERS, D_HIDDEN, D_HQ, D_HKV, D_HEADDIM, D_INTER, D_BLOCK, D_MAXBL
 
 template <typename T>
 static void rmsnorm_rows(const float* x, const T* w, T* y, int64_t M, int64_t H, float eps) {
-    #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * H;
         float ss = 0.f;
@@ -313,12 +527,12 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
                    const T* final_norm, const float* cos_t, const float* sin_t, float eps,
                    const T* x_in, const int64_t* positions, const int64_t* slots,
                    const int32_t* block_tables, const int32_t* cu_q, const int32_t* seq_lens,
-                   int64_t num_tokens, int64_t num_seqs, T* out, int nthreads) {
+                   int64_t num_tokens, int64_t num_seqs, T* out, Pool& p) {
     const int64_t L = dims[D_LAYERS], H = dims[D_HIDDEN], HQ = dims[D_HQ], HKV = dims[D_HKV],
                   D = dims[D_HEADDIM], I = dims[D_INTER], B = dims[D_BLOCK];
     const int64_t M = num_tokens, QKV = (HQ + 2 * HKV) * D;
     if (D > 256 || HQ / HKV > MAXG) return 1;
-    std::vector<float> resid(M * H), qkv(M * QKV), gu(M * 2 * I);
+    std::vector<float> resid(M * H), qkv(M * QKV);
     std::vector<T> h(M * std::max(H, HQ * D)), act(M * I);
     AttnArgs a{};
     a.q = qkv.data(); a.q_stride = QKV; a.block_tables = block_tables;
@@ -343,46 +557,35 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         a.v_cache = (const void*)P[P_VCACHE];
         T* kc = (T*)P[P_KCACHE];
         T* vc = (T*)P[P_VCACHE];
-        #pragma omp parallel num_threads(nthreads)
-        {
-            rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN1], h.data(), M, H, eps);
-            linear_rows<T>(h.data(), (const T*)P[P_WQKV], (const T*)P[P_BQKV], qkv.data(), M,
-                           QKV, H, QKV, OUT_F32);
-            // q/k norm (Qwen3), RoPE, and the new K/V into the cache.
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < M; ++t) {
-                float* row = qkv.data() + t * QKV;
-                const float* c = cos_t + positions[t] * D;
-                const float* s = sin_t + positions[t] * D;
-                for (int64_t hh = 0; hh < HQ + HKV; ++hh) {
-                    float* v = row + hh * D;
-                    if (P[P_QNORM]) head_norm<T>(v, (const T*)(hh < HQ ? P[P_QNORM] : P[P_KNORM]), D, eps);
-                    rope(v, c, s, D);
-                }
-                const int64_t slot = slots[t];
-                for (int64_t i = 0; i < HKV * D; ++i) {
-                    kc[slot * HKV * D + i] = st<T>(row[HQ * D + i]);
-                    vc[slot * HKV * D + i] = st<T>(row[(HQ + HKV) * D + i]);
-                }
+        // Small per-token work (norms, RoPE, the cache write) runs on the calling thread:
+        // a few microseconds, less than handing it out would cost.
+        rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN1], h.data(), M, H, eps);
+        linear<T>(p, h.data(), (const T*)P[P_WQKV], (const T*)P[P_BQKV], qkv.data(), M, QKV, H,
+                  QKV, OUT_F32);
+        for (int64_t t = 0; t < M; ++t) {  // q/k norm (Qwen3), RoPE, new K/V into the cache
+            float* row = qkv.data() + t * QKV;
+            const float* c = cos_t + positions[t] * D;
+            const float* s = sin_t + positions[t] * D;
+            for (int64_t hh = 0; hh < HQ + HKV; ++hh) {
+                float* v = row + hh * D;
+                if (P[P_QNORM]) head_norm<T>(v, (const T*)(hh < HQ ? P[P_QNORM] : P[P_KNORM]), D, eps);
+                rope(v, c, s, D);
             }
-            // The K/V just stored are read back through the cache (as T), like every key.
-            attention_body<T>(a, items, first, part.data());
-            linear_rows<T>(h.data(), (const T*)P[P_WO], nullptr, resid.data(), M, H, HQ * D, H,
-                           OUT_ADD_F32);
-            rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN2], h.data(), M, H, eps);
-            linear_rows<T>(h.data(), (const T*)P[P_WGU], nullptr, gu.data(), M, 2 * I, H, 2 * I,
-                           OUT_F32);
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < M; ++t)
-                for (int64_t i = 0; i < I; ++i) {
-                    const float g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
-                    act[t * I + i] = st<T>(g / (1.f + std::exp(-g)) * u);
-                }
-            linear_rows<T>(act.data(), (const T*)P[P_WDOWN], nullptr, resid.data(), M, H, I, H,
-                           OUT_ADD_F32);
+            const int64_t slot = slots[t];
+            for (int64_t i = 0; i < HKV * D; ++i) {
+                kc[slot * HKV * D + i] = st<T>(row[HQ * D + i]);
+                vc[slot * HKV * D + i] = st<T>(row[(HQ + HKV) * D + i]);
+            }
         }
+        // The K/V just stored are read back through the cache (as T), like every key.
+        attention_body<T>(p, a, items, first, part.data());
+        linear<T>(p, h.data(), (const T*)P[P_WO], (const T*)nullptr, resid.data(), M, H, HQ * D,
+                  H, OUT_ADD_F32);
+        rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN2], h.data(), M, H, eps);
+        gate_up_silu<T>(p, h.data(), (const T*)P[P_WGU], act.data(), M, I, H);
+        linear<T>(p, act.data(), (const T*)P[P_WDOWN], (const T*)nullptr, resid.data(), M, H, I,
+                  H, OUT_ADD_F32);
     }
-    #pragma omp parallel num_threads(nthreads)
     rmsnorm_rows<T>(resid.data(), final_norm, out, M, H, eps);
     return 0;
 }
@@ -402,14 +605,12 @@ int kvs_has_avx512_bf16() {
 // dtype: 0 = float32, 1 = bfloat16
 int kvs_linear(int dtype, const void* x, const void* w, const void* bias, void* y, int64_t M,
                int64_t N, int64_t K, int out_fp32, int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
     const int mode = out_fp32 ? OUT_F32 : OUT_T;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        if (dtype == 0) linear_rows<float>((const float*)x, (const float*)w, (const float*)bias,
-                                           y, M, N, K, N, mode);
-        else linear_rows<bf16>((const bf16*)x, (const bf16*)w, (const bf16*)bias, y, M, N, K,
-                               N, mode);
-    }
+    if (dtype == 0) linear<float>(p, (const float*)x, (const float*)w, (const float*)bias, y, M,
+                                  N, K, N, mode);
+    else linear<bf16>(p, (const bf16*)x, (const bf16*)w, (const bf16*)bias, y, M, N, K, N, mode);
     return 0;
 }
 
@@ -419,10 +620,12 @@ int kvs_paged_attention(int dtype, const void* q, int64_t q_stride, const void* 
                         int64_t num_tokens, int64_t hq, int64_t hkv, int64_t d,
                         int64_t block_size, float scale, int64_t window, void* out,
                         int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
     AttnArgs a{(const float*)q, q_stride, k_cache, v_cache, block_tables, max_blocks, cu_q,
                seq_lens, num_seqs, num_tokens, hq, hkv, d, block_size, scale, window, out,
                hq * d};
-    return dtype == 0 ? attention<float>(a, nthreads) : attention<bf16>(a, nthreads);
+    return dtype == 0 ? attention<float>(p, a) : attention<bf16>(p, a);
 }
 
 int kvs_forward(int dtype, const int64_t* dims, const int64_t* layer_ptrs, const int64_t* windows,
@@ -430,15 +633,17 @@ int kvs_forward(int dtype, const int64_t* dims, const int64_t* layer_ptrs, const
                 const void* x_in, const int64_t* positions, const int64_t* slots,
                 const int32_t* block_tables, const int32_t* cu_q, const int32_t* seq_lens,
                 int64_t num_tokens, int64_t num_seqs, void* out, int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
     std::vector<const int64_t*> lp(dims[D_LAYERS]);
     for (int64_t l = 0; l < dims[D_LAYERS]; ++l) lp[l] = layer_ptrs + l * P_COUNT;
     if (dtype == 0)
         return forward<float>(dims, lp.data(), windows, (const float*)final_norm, cos_t, sin_t,
                               eps, (const float*)x_in, positions, slots, block_tables, cu_q,
-                              seq_lens, num_tokens, num_seqs, (float*)out, nthreads);
+                              seq_lens, num_tokens, num_seqs, (float*)out, p);
     return forward<bf16>(dims, lp.data(), windows, (const bf16*)final_norm, cos_t, sin_t, eps,
                          (const bf16*)x_in, positions, slots, block_tables, cu_q, seq_lens,
-                         num_tokens, num_seqs, (bf16*)out, nthreads);
+                         num_tokens, num_seqs, (bf16*)out, p);
 }
 
 }  // extern "C"
