@@ -3,14 +3,21 @@
     .venv/bin/python bench/peers.py                 # build llama-server once, then both runs
     .venv/bin/python bench/peers.py --build-only    # just the llama.cpp build (cached)
     .venv/bin/python bench/peers.py --streams 16 --prompts-per-stream 4 --save peers.json
+    .venv/bin/python bench/peers.py --input-lens 32 --kvserve-args "--dtype bfloat16"
 
 llama.cpp's `llama-server` is built from the source vendored in the llama-cpp-python==0.3.36
-sdist (`pip download --no-binary :all:`), cmake target `llama-server`, into a cache outside
-the repo (~/.cache/kvserve/llama.cpp, or $KVSERVE_CACHE). The build takes several minutes on
-2 cores and happens once. Both servers serve the same SmolLM2-135M-Instruct Q4_1 GGUF. For
-each workload (N concurrent streams, random 128-token prompts, 128 output tokens, ignore_eos)
-a fresh llama-server with N slots and then a fresh kvserve run the same `kvserve bench`; the
-table prints output throughput, median TTFT and median ITL, with the throughput ratio.
+sdist (`pip download --no-binary llama-cpp-python`), cmake target `llama-server`, into a cache
+outside the repo (~/.cache/kvserve/llama.cpp, or $KVSERVE_CACHE). The build takes about ten
+minutes on 2 cores and happens once. Both servers serve the same SmolLM2-135M-Instruct Q4_1
+GGUF. A workload is (input length, N concurrent streams): random prompts of --input-lens tokens
+(default 32, where decode dominates, and 128, where llama.cpp's slow 4-bit prefill shows), 128
+output tokens, ignore_eos, for each of --streams (default 1, 4, 16). For each workload a fresh
+llama-server with N slots and then a fresh kvserve run the same `kvserve bench`; the table
+prints output throughput, median TTFT and median ITL, with the throughput ratio.
+
+kvserve runs with the default `kvserve serve` settings plus --max-num-seqs max(N, 16), unless
+--dtype, --quantization or --kvserve-args (extra flags, shell-quoted, appended) say otherwise;
+the table's header line names the flags used.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # bench/kernels.py would shadow the `kernels` package: put the repository root first.
 sys.path.insert(0, str(ROOT))
 
-from bench.serve import Server, kvserve_cmd  # noqa: E402
+from bench.serve import Server  # noqa: E402
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 SDIST_DIR_NAME = "llama_cpp_python-0.3.36"
@@ -56,8 +64,10 @@ def build_llama_server(jobs: int | None = None) -> Path:
         tarballs = sorted(CACHE.glob(f"{SDIST_DIR_NAME}.tar.gz"))
         if not tarballs:
             log(f"downloading the {LLAMA_CPP_PYTHON} sdist (source only) into {CACHE}")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:",
-                            "--no-deps", "--no-build-isolation", LLAMA_CPP_PYTHON,
+            # Source only for llama-cpp-python itself; pip (26+) still prepares its metadata,
+            # so its build backend (scikit-build-core) comes as wheels in an isolated env.
+            subprocess.run([sys.executable, "-m", "pip", "download",
+                            "--no-binary", "llama-cpp-python", "--no-deps", LLAMA_CPP_PYTHON,
                             "-d", str(CACHE)], check=True)
             tarballs = sorted(CACHE.glob(f"{SDIST_DIR_NAME}.tar.gz"))
         with tarfile.open(tarballs[0]) as tf:
@@ -94,13 +104,18 @@ def llama_cpp_cmd(binary: Path, gguf: str, port: int, slots: int, ctx_per_slot: 
             "-cb", "-fa", "auto", "--no-webui", "-a", MODEL_ALIAS]
 
 
-def kvserve_peer_cmd(port: int, dtype: str, max_num_seqs: int,
-                     quantization: str | None) -> list[str]:
-    # kvserve's fastest CPU settings (README): bfloat16 on CPUs with AVX-512 BF16, a batch
-    # as wide as the streams, optionally int4 weights.
-    return kvserve_cmd(port, dtype, ["--max-num-seqs", str(max_num_seqs),
-                                     "--served-model-name", MODEL_ALIAS]
-                       + (["--quantization", quantization] if quantization else []))
+def kvserve_flags(dtype: str | None, quantization: str | None, extra: list[str]) -> list[str]:
+    """kvserve's settings beyond the defaults (and beyond --max-num-seqs): what was asked for."""
+    return ((["--dtype", dtype] if dtype else [])
+            + (["--quantization", quantization] if quantization else []) + extra)
+
+
+def kvserve_peer_cmd(port: int, max_num_seqs: int, flags: list[str]) -> list[str]:
+    # The default `kvserve serve` (its own dtype, attention backend, ...) with a batch at least
+    # as wide as the streams; `flags` (kvserve_flags) come last, so they win.
+    return [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
+            "--port", str(port), "--max-num-seqs", str(max_num_seqs),
+            "--served-model-name", MODEL_ALIAS, *flags]
 
 
 def run_bench(url: str, streams: int, num_prompts: int, input_len: int, output_len: int,
@@ -126,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-per-stream", type=int, default=3,
                    help="requests per workload = streams x this (at least --min-prompts)")
     p.add_argument("--min-prompts", type=int, default=8)
-    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--input-lens", "--input-len", dest="input_lens", type=int, nargs="+",
+                   default=[32, 128], help="prompt lengths in tokens; each x each --streams "
+                   "is a workload (32: decode dominates; 128: prefill shows too)")
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", help="kvserve's --dtype")
+    p.add_argument("--dtype", default=None,
+                   help="kvserve's --dtype (default: none passed, the server picks)")
     p.add_argument("--quantization", default=None, help="kvserve's --quantization (int4)")
+    p.add_argument("--kvserve-args", default="",
+                   help='extra `kvserve serve` flags, one shell-quoted string, appended '
+                        '(e.g. "--attention-backend torch")')
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                    help="llama-server -t")
     p.add_argument("--seed", type=int, default=0)
@@ -142,32 +163,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from engine.loader import default_gguf_path
     gguf = default_gguf_path()
-    ctx_per_slot = 2 * (args.input_len + args.output_len) + 64
+    # One llama-server context per slot, sized for the longest prompt (with room for a
+    # tokenizer that counts the random prompts longer than kvserve's does).
+    ctx_per_slot = 2 * (max(args.input_lens) + args.output_len) + 64
+    flags = kvserve_flags(args.dtype, args.quantization, shlex.split(args.kvserve_args))
     # Each workload gets fresh servers sized for it (llama-server's slots = streams, its
     # fastest setting for that many streams), and the two servers alternate workload by
     # workload so a noisy spell on the machine hits both.
     peers = {
         "llama.cpp": lambda port, n: llama_cpp_cmd(binary, gguf, port, n, ctx_per_slot,
                                                    args.threads),
-        "kvserve": lambda port, n: kvserve_peer_cmd(port, args.dtype, max(n, 16), args.quantization),
+        "kvserve": lambda port, n: kvserve_peer_cmd(port, max(n, 16), flags),
     }
     if args.only:
         peers = {args.only: peers[args.only]}
-    results: dict[str, dict[int, dict]] = {}
-    for n in args.streams:
-        num = max(args.min_prompts, n * args.prompts_per_stream)
-        for name, make_cmd in peers.items():
-            server = Server(lambda port: make_cmd(port, n), name)
-            try:
-                log(f"{name}: {n} streams, {num} prompts x {args.output_len} tokens")
-                results.setdefault(name, {})[n] = run_bench(
-                    server.url, n, num, args.input_len, args.output_len, args.seed)
-            finally:
-                server.stop()
-    print(format_table(results, args))
+    results: dict[tuple[int, int], dict[str, dict]] = {}
+    for input_len in args.input_lens:
+        for n in args.streams:
+            num = max(args.min_prompts, n * args.prompts_per_stream)
+            for name, make_cmd in peers.items():
+                server = Server(lambda port: make_cmd(port, n), name)
+                try:
+                    log(f"{name}: {n} streams, {num} prompts, {input_len}-token prompts x "
+                        f"{args.output_len} tokens")
+                    results.setdefault((input_len, n), {})[name] = run_bench(
+                        server.url, n, num, input_len, args.output_len, args.seed)
+                finally:
+                    server.stop()
+    print(format_table(results, args, flags))
     if args.save:
-        Path(args.save).write_text(json.dumps({"config": vars(args), "results": results},
-                                              indent=1, default=str))
+        workloads = [{"input_len": i, "streams": n, **r} for (i, n), r in results.items()]
+        Path(args.save).write_text(json.dumps(
+            {"config": {**vars(args), "kvserve_flags": flags}, "workloads": workloads},
+            indent=1, default=str))
     return 0
 
 
@@ -180,23 +208,26 @@ def _row(r: dict) -> tuple[float, float, float]:
     return (m["output_throughput"], m["ttft_ms"]["median"], m["itl_ms"]["median"])
 
 
-def format_table(results: dict[str, dict[int, dict]], args) -> str:
+def format_table(results: dict[tuple[int, int], dict[str, dict]], args,
+                 flags: list[str]) -> str:
+    kv = " ".join(["kvserve serve --max-num-seqs max(streams,16)", *map(shlex.quote, flags)])
     lines = [f"machine: {platform.machine()} {os.cpu_count()} cpus, {platform.processor() or ''}"
-             f" python {platform.python_version()}; input {args.input_len} tokens, output "
-             f"{args.output_len}, ignore_eos, kvserve --dtype {args.dtype}"
-             + (f" --quantization {args.quantization}" if args.quantization else ""),
+             f" python {platform.python_version()}; random prompts of `input` tokens, output "
+             f"{args.output_len}, ignore_eos; {kv}"
+             + ("" if flags else " (server defaults otherwise)")
+             + f"; llama-server -t {args.threads} -np streams",
              "",
-             "| streams | llama.cpp tok/s | kvserve tok/s | ratio | llama.cpp TTFT p50 ms | "
-             "kvserve TTFT p50 ms | llama.cpp ITL p50 ms | kvserve ITL p50 ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    for n in args.streams:
-        a = results.get("llama.cpp", {}).get(n)
-        b = results.get("kvserve", {}).get(n)
+             "| input | streams | llama.cpp tok/s | kvserve tok/s | ratio | "
+             "llama.cpp TTFT p50 ms | kvserve TTFT p50 ms | llama.cpp ITL p50 ms | "
+             "kvserve ITL p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (input_len, n), r in results.items():
+        a, b = r.get("llama.cpp"), r.get("kvserve")
         fa = _row(a) if a else (float("nan"),) * 3
         fb = _row(b) if b else (float("nan"),) * 3
         ratio = fb[0] / fa[0] if a and b and fa[0] else float("nan")
-        lines.append(f"| {n} | {fa[0]:.1f} | {fb[0]:.1f} | {ratio:.2f}x | {fa[1]:.0f} | "
-                     f"{fb[1]:.0f} | {fa[2]:.1f} | {fb[2]:.1f} |")
+        lines.append(f"| {input_len} | {n} | {fa[0]:.1f} | {fb[0]:.1f} | {ratio:.2f}x | "
+                     f"{fa[1]:.0f} | {fb[1]:.0f} | {fa[2]:.1f} | {fb[2]:.1f} |")
     return "\n".join(lines)
 
 

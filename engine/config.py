@@ -1,6 +1,7 @@
 """Frozen configuration: what the model is (ModelConfig) and how the engine runs it (EngineConfig)."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -124,11 +125,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """The CPU computes bf16 dot products natively (AVX-512 BF16 or AMX): bf16 weights then
+    run ~1.7x faster than float32 here and read half the bytes (bench/RESULTS.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and on CPUs with native bf16 arithmetic, float32 elsewhere
+    (float32 is also what matches transformers exactly: pass it to compare)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

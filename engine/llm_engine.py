@@ -133,6 +133,10 @@ class LLMEngine:
             quantize_model(net)  # from the float32 weights
         net = net.to(dt)
         net.rope.to(torch.float32)
+        if dtype == "auto" and quantization is None:
+            logger.info("dtype auto -> %s on %s%s", str(dt).removeprefix("torch."), dev.type,
+                        " (the CPU has native bf16; --dtype float32 matches transformers "
+                        "exactly)" if dt == torch.bfloat16 and dev.type == "cpu" else "")
         logger.info("loaded %s (%s, %.0fM params%s) in %.1fs", source.name,
                     model_cfg.architecture, num_params / 1e6,
                     f", {quantization}" if quantization else "", time.perf_counter() - t0)

@@ -1,6 +1,8 @@
 """Owns the model and the KV cache; turns a scheduled step into one flat forward + sample."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -10,6 +12,8 @@ from engine.models import CausalLM
 from engine.sampler import compute_logprobs
 from engine.sequence import Sequence
 from kernels import cpu as cpu_kernels
+
+logger = logging.getLogger("kvserve.engine")
 
 # Steps with at most this many tokens run the fused decoder forward (kernels/cpu.py); longer
 # ones (prefill chunks) run torch's GEMMs, which win once there are many rows per weight
@@ -33,6 +37,11 @@ class ModelRunner:
         if (not config.enforce_eager and self.device.type == "cpu"
                 and cpu_kernels.Forward.supported(model) and cpu_kernels.available()):
             self.fast = cpu_kernels.Forward(model, self.kv_caches, config.block_size)
+        logger.info("step: %s; attention: %s",
+                    f"fused CPU forward for steps of <= {FAST_MAX_TOKENS} tokens, torch beyond"
+                    if self.fast else "eager torch" + (" (--enforce-eager)"
+                                                       if config.enforce_eager else ""),
+                    config.attention_backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

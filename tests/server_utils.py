@@ -26,7 +26,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Small engine defaults so a test server stays light on a CPU box; explicit args win.
-DEFAULT_ARGS = {"--kv-cache-memory": "256MiB", "--max-num-seqs": "16"}
+# float32: the tests compare the server's tokens with an offline float32 engine.
+DEFAULT_ARGS = {"--kv-cache-memory": "256MiB", "--max-num-seqs": "16", "--dtype": "float32"}
 
 
 def free_port() -> int:

@@ -240,7 +240,8 @@ def test_cli_info_prints_the_plan(capsys, monkeypatch):
         raise AssertionError("kvserve info must not open the weights")
     monkeypatch.setattr(GGUFFile, "__init__", no_weights)
     start = time.perf_counter()
-    assert main(["info", "--device", "cpu", "--memory", "2GiB", "--seq-len", "2048"]) == 0
+    assert main(["info", "--device", "cpu", "--dtype", "float32", "--memory", "2GiB",
+                 "--seq-len", "2048"]) == 0
     assert time.perf_counter() - start < 3
     out = capsys.readouterr().out
     for text in ("SmolLM2-135M-Instruct", "134,515,008",
