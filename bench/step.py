@@ -67,7 +67,7 @@ def step_fns(runner, seqs):
         with torch.inference_mode():
             h = runner.fast(model.embed_tokens(input_ids), positions, meta.slot_mapping,
                             meta.block_tables, meta.cu_seqlens_q, meta.seq_lens)
-            return model.compute_logits(h)
+            return runner.fast.logits(h)
 
     def execute():
         return runner.execute(seqs, [1] * len(seqs))

@@ -18,7 +18,7 @@ logger = logging.getLogger("kvserve.engine")
 # Steps with at most this many tokens run the fused decoder forward (kernels/cpu.py); longer
 # ones (prefill chunks) run torch's GEMMs, which win once there are many rows per weight
 # (bench/step.py measures the crossover).
-FAST_MAX_TOKENS = 32
+FAST_MAX_TOKENS = 64
 
 
 class ModelRunner:

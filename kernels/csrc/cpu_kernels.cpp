@@ -198,13 +198,16 @@ static void parallel_for(Pool& p, int64_t n, F&& body) {
 // x is T [M, K] contiguous, w is T [N, K] (nn.Linear's layout), y is fp32 [M, ldy] or T.
 enum OutMode { OUT_F32 = 0, OUT_ADD_F32 = 1, OUT_T = 2 };
 
-static const int NR = 1;  // weight rows per micro-kernel
-static const int MT = 8;
+static const int MT = 8;      // x rows per micro-kernel call
+static const int NRMAX = 3;   // weight rows per micro-kernel call: NR x MT fp32 accumulators
+static const int PF_ROWS = 4; // software prefetch distance, in weight rows
 
-// Micro<T, MC>::run: out[r][m] = dot(w row r, x row m) for r < nr (<= NR), m < MC, over K.
-template <typename T, int MC> struct MicroScalar {
-    static inline void run(const T* x, int64_t K, const T* w, int nr, float out[NR][MT]) {
-        for (int r = 0; r < nr; ++r)
+// Micro<T, NR, MC>::run: out[r][m] = dot(w row r, x row m) for r < NR, m < MC, over K.
+// With several x rows, NR = 3 weight rows share each x load (fewer loads per vdpbf16ps);
+// with one x row a single weight stream reads fastest here (bench/step.py).
+template <typename T, int NR, int MC> struct Micro {
+    static inline void run(const T* x, int64_t K, const T* w, float out[NRMAX][MT]) {
+        for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MC; ++m) {
                 float s = 0.f;
                 for (int64_t k = 0; k < K; ++k) s += ld<T>(x, m * K + k) * ld<T>(w, r * K + k);
@@ -212,85 +215,98 @@ template <typename T, int MC> struct MicroScalar {
             }
     }
 };
-template <typename T, int MC> struct Micro : MicroScalar<T, MC> {};
 
 #if defined(__AVX512F__)
-template <int MC> struct Micro<float, MC> {
-    static inline void run(const float* x, int64_t K, const float* w, int nr, float out[NR][MT]) {
+template <int NR, int MC> struct Micro<float, NR, MC> {
+    static inline void run(const float* x, int64_t K, const float* w, float out[NRMAX][MT]) {
         __m512 acc[NR][MC];
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
-        const float* wr[NR];
-        for (int r = 0; r < NR; ++r) wr[r] = w + (r < nr ? r : 0) * K;
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
-            __m512 xv[MC];
-            for (int m = 0; m < MC; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+            __m512 wv[NR];
             for (int r = 0; r < NR; ++r) {
-                const __m512 wv = _mm512_loadu_ps(wr[r] + k);
-                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
+                if (NR > 1) _mm_prefetch((const char*)(w + (r + PF_ROWS * NR) * K + k), _MM_HINT_T0);
+                wv[r] = _mm512_loadu_ps(w + r * K + k);
+            }
+            for (int m = 0; m < MC; ++m) {
+                const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
             }
         }
         if (k < K) {
             const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
-            __m512 xv[MC];
-            for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-            for (int r = 0; r < NR; ++r) {
-                const __m512 wv = _mm512_maskz_loadu_ps(mask, wr[r] + k);
-                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
+            __m512 wv[NR];
+            for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + r * K + k);
+            for (int m = 0; m < MC; ++m) {
+                const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(xv, wv[r], acc[r][m]);
             }
         }
-        for (int r = 0; r < nr; ++r)
+        for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MC; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
     }
 };
 #endif
 
 #if defined(__AVX512BF16__)
-template <int MC> struct Micro<bf16, MC> {
-    static inline void run(const bf16* x, int64_t K, const bf16* w, int nr, float out[NR][MT]) {
+template <int NR, int MC> struct Micro<bf16, NR, MC> {
+    static inline void run(const bf16* x, int64_t K, const bf16* w, float out[NRMAX][MT]) {
         __m512 acc[NR][MC];
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
-        const bf16* wr[NR];
-        for (int r = 0; r < NR; ++r) wr[r] = w + (r < nr ? r : 0) * K;
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
-            __m512bh xv[MC];
-            for (int m = 0; m < MC; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+            __m512bh wv[NR];
             for (int r = 0; r < NR; ++r) {
-                const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr[r] + k);
-                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+                if (NR > 1) _mm_prefetch((const char*)(w + (r + PF_ROWS * NR) * K + k), _MM_HINT_T0);
+                wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+            }
+            for (int m = 0; m < MC; ++m) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
             }
         }
         if (k < K) {
             const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
-            __m512bh xv[MC];
-            for (int m = 0; m < MC; ++m)
-                xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-            for (int r = 0; r < NR; ++r) {
-                const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[r] + k);
-                for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv[m], wv);
+            __m512bh wv[NR];
+            for (int r = 0; r < NR; ++r)
+                wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+            for (int m = 0; m < MC; ++m) {
+                const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
             }
         }
-        for (int r = 0; r < nr; ++r)
+        for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MC; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
     }
 };
 #endif
 
-template <typename T>
-static inline void micro_dispatch(const T* x, int64_t K, const T* w, int nr, int mc,
-                                  float out[NR][MT]) {
+template <typename T, int NR>
+static inline void micro_dispatch(const T* x, int64_t K, const T* w, int mc,
+                                  float out[NRMAX][MT]) {
     switch (mc) {
-        case 1: Micro<T, 1>::run(x, K, w, nr, out); break;
-        case 2: Micro<T, 2>::run(x, K, w, nr, out); break;
-        case 3: Micro<T, 3>::run(x, K, w, nr, out); break;
-        case 4: Micro<T, 4>::run(x, K, w, nr, out); break;
-        case 5: Micro<T, 5>::run(x, K, w, nr, out); break;
-        case 6: Micro<T, 6>::run(x, K, w, nr, out); break;
-        case 7: Micro<T, 7>::run(x, K, w, nr, out); break;
-        default: Micro<T, 8>::run(x, K, w, nr, out); break;
+        case 1: Micro<T, NR, 1>::run(x, K, w, out); break;
+        case 2: Micro<T, NR, 2>::run(x, K, w, out); break;
+        case 3: Micro<T, NR, 3>::run(x, K, w, out); break;
+        case 4: Micro<T, NR, 4>::run(x, K, w, out); break;
+        case 5: Micro<T, NR, 5>::run(x, K, w, out); break;
+        case 6: Micro<T, NR, 6>::run(x, K, w, out); break;
+        case 7: Micro<T, NR, 7>::run(x, K, w, out); break;
+        default: Micro<T, NR, 8>::run(x, K, w, out); break;
+    }
+}
+
+template <typename T, int NR>
+static inline void gemm_tile(const T* x, const T* w, int64_t M, int64_t K, int64_t n,
+                             int64_t n0, float* out, int64_t ldo) {
+    float acc[NRMAX][MT];
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int mc = (int)std::min<int64_t>(MT, M - m0);
+        micro_dispatch<T, NR>(x + m0 * K, K, w + n * K, mc, acc);
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < mc; ++m) out[(m0 + m) * ldo + (n - n0) + r] = acc[r][m];
     }
 }
 
@@ -298,19 +314,13 @@ static inline void micro_dispatch(const T* x, int64_t K, const T* w, int nr, int
 template <typename T>
 static void gemm_block(const T* x, const T* w, int64_t M, int64_t K, int64_t n0, int64_t n1,
                        float* out, int64_t ldo) {
-    for (int64_t n = n0; n < n1; n += NR) {
-        const int nr = (int)std::min<int64_t>(NR, n1 - n);
-        float acc[NR][MT];
-        for (int64_t m0 = 0; m0 < M; m0 += MT) {
-            const int mc = (int)std::min<int64_t>(MT, M - m0);
-            micro_dispatch<T>(x + m0 * K, K, w + n * K, nr, mc, acc);
-            for (int r = 0; r < nr; ++r)
-                for (int m = 0; m < mc; ++m) out[(m0 + m) * ldo + (n - n0) + r] = acc[r][m];
-        }
-    }
+    int64_t n = n0;
+    if (M >= 4)
+        for (; n + 3 <= n1; n += 3) gemm_tile<T, 3>(x, w, M, K, n, n0, out, ldo);
+    for (; n < n1; ++n) gemm_tile<T, 1>(x, w, M, K, n, n0, out, ldo);
 }
 
-static const int64_t ROWS = 16;  // weight rows per chunk of work
+static const int64_t ROWS = 24;  // weight rows per chunk of work
 
 // y[m, n] (=|+=) x[m] . w[n] (+ bias[n]): x T [M, K], w T [N, K] (nn.Linear's layout),
 // y fp32 or T with row stride ldy.
