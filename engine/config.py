@@ -164,6 +164,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "torch"  # resolved: "torch" | "cpu" | "triton"
     enforce_eager: bool = False       # no fused decode forward (kernels.cpu.Forward)
+    quantization: str | None = None   # "int4": torch int4 linears; "int8": fused-step weights
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",

@@ -101,6 +101,17 @@ class LLMEngine:
         dev = resolve_device(device)
         quantization = resolve_quantization(quantization)
         dt = int4_dtype(dtype, dev) if quantization == "int4" else resolve_dtype(dtype, dev)
+        if quantization == "int8":
+            # int8 weights live in the fused CPU step (decode); prefill chunks keep bf16 GEMMs.
+            if dtype == "auto":
+                dt = torch.bfloat16
+            if dev.type != "cpu" or dt != torch.bfloat16 or enforce_eager:
+                raise ValueError("quantization='int8' is the fused CPU step's weight format: it "
+                                 "needs device='cpu', dtype bfloat16 (or auto) and no "
+                                 "enforce_eager")
+            if not cpu_kernels.available():
+                raise ValueError(f"quantization='int8' needs kvserve's CPU kernels, which could "
+                                 f"not be built: {cpu_kernels.unavailable_reason()}")
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if attention_backend == "auto":
@@ -149,7 +160,7 @@ class LLMEngine:
                               max_model_len=max_model_len,
                               enable_prefix_caching=enable_prefix_caching,
                               attention_backend=attention_backend,
-                              enforce_eager=enforce_eager)
+                              enforce_eager=enforce_eager, quantization=quantization)
         logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB", num_blocks,
                     block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20)
         return cls(config, net, load_tokenizer(source), model_name=source.name)

@@ -34,11 +34,16 @@ class ModelRunner:
                                     device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.fast = None
+        weights = "int8" if config.quantization == "int8" else None
         if (not config.enforce_eager and self.device.type == "cpu"
-                and cpu_kernels.Forward.supported(model) and cpu_kernels.available()):
-            self.fast = cpu_kernels.Forward(model, self.kv_caches, config.block_size)
+                and cpu_kernels.Forward.supported(model, weights) and cpu_kernels.available()):
+            self.fast = cpu_kernels.Forward(model, self.kv_caches, config.block_size, weights)
+        elif weights:
+            raise ValueError("quantization='int8' needs the fused CPU step, which this model "
+                             "cannot use (bfloat16 weights, dimensions divisible by 32)")
         logger.info("step: %s; attention: %s",
-                    f"fused CPU forward for steps of <= {FAST_MAX_TOKENS} tokens, torch beyond"
+                    f"fused CPU forward ({weights or 'model-dtype'} weights) for steps of <= "
+                    f"{FAST_MAX_TOKENS} tokens, torch beyond"
                     if self.fast else "eager torch" + (" (--enforce-eager)"
                                                        if config.enforce_eager else ""),
                     config.attention_backend)

@@ -44,7 +44,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "kvs_has_avx512_bf16": ([], ctypes.c_int),
-    "kvs_linear": ([ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "kvs_linear": ([ctypes.c_int, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
                    ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
                              _I, ctypes.c_float, _I, _P, ctypes.c_int], ctypes.c_int),
@@ -167,16 +167,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.to(q.dtype)
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> int8 codes [N, K] and one float32 scale per row (symmetric, max |w| -> 127)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           out_fp32: bool = False) -> torch.Tensor:
-    # x: [M, K]; w: [N, K] same dtype (fp32/bf16) -> [M, N] (fp32 if out_fp32)
+           out_fp32: bool = False, w_scale: torch.Tensor | None = None) -> torch.Tensor:
+    # x: [M, K]; w: [N, K] same dtype (fp32/bf16), or int8 codes with w_scale [N] (bf16 x)
+    # -> [M, N] (fp32 if out_fp32)
     lib = library()
     x = x.contiguous()
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
-    lib.kvs_linear(DTYPE_CODES[w.dtype], x.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(),
-                   m, n, k, int(out_fp32), torch.get_num_threads())
+    rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale),
+                        _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError("int8 weights need bfloat16 activations and in_features % 32 == 0")
     return y
 
 
@@ -189,7 +200,7 @@ class Forward:
     """
 
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int):
+                 block_size: int, weights: str | None = None):
         self.lib = library()
         cfg = model.config
         self.dtype = model.embed_tokens.weight.dtype
@@ -197,24 +208,34 @@ class Forward:
         self.eps = float(cfg.rms_norm_eps)
         self.hidden = cfg.hidden_size
         self.block_size = block_size
+        self.weights = weights
         self._keep = []  # tensors whose pointers the kernel holds
         ptrs = []
+
+        def mat(linear_layer):  # (weight, scale) as the kernel reads them
+            if weights == "int8":
+                return quantize_int8(linear_layer.weight)
+            return linear_layer.weight, None
+
         for layer, (kc, vc) in zip(model.layers, kv_caches):
             attn, mlp = layer.self_attn, layer.mlp
-            tensors = [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias,
+            (wqkv, sqkv), (wo, so), (wgu, sgu), (wdown, sdown) = (
+                mat(attn.qkv_proj), mat(attn.o_proj), mat(mlp.gate_up_proj), mat(mlp.down_proj))
+            tensors = [layer.input_layernorm.weight, wqkv, attn.qkv_proj.bias,
                        attn.q_norm.weight if attn.qk_norm else None,
                        attn.k_norm.weight if attn.qk_norm else None,
-                       attn.o_proj.weight, layer.post_attention_layernorm.weight,
-                       mlp.gate_up_proj.weight, mlp.down_proj.weight, kc, vc]
+                       wo, layer.post_attention_layernorm.weight, wgu, wdown, kc, vc,
+                       sqkv, so, sgu, sdown]
             for t in tensors:
                 if t is not None:
-                    assert t.is_contiguous() and (t.dtype == self.dtype), (t.shape, t.dtype)
+                    assert t.is_contiguous(), t.shape
+                    assert t.dtype in (self.dtype, torch.int8, torch.float32), t.dtype
                     self._keep.append(t)
             ptrs += [_ptr(t) or 0 for t in tensors]
         self.layer_ptrs = torch.tensor(ptrs, dtype=torch.int64)
         self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
         self.final_norm = model.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head, self.lm_head_scale = mat(model.lm_head)
         self.cos = model.rope.cos.float().contiguous()
         self.sin = model.rope.sin.float().contiguous()
         self.max_positions = self.cos.shape[0]
@@ -223,12 +244,17 @@ class Forward:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] model dtype -> float32 [N, vocab]
-        return linear(hidden, self.lm_head, out_fp32=True)
+        return linear(hidden, self.lm_head, out_fp32=True, w_scale=self.lm_head_scale)
 
     @staticmethod
-    def supported(model) -> bool:
+    def supported(model, weights: str | None = None) -> bool:
         from torch import nn
         dtype = model.embed_tokens.weight.dtype
+        if weights == "int8":
+            k = (model.config.hidden_size, model.config.intermediate_size,
+                 model.config.num_heads * model.config.head_dim)
+            if dtype != torch.bfloat16 or any(x % 32 for x in k):
+                return False
         if dtype not in DTYPE_CODES or model.embed_tokens.weight.device.type != "cpu":
             return False
         cfg = model.config

@@ -178,3 +178,43 @@ def test_bf16_fused_forward_stays_close_to_fp32(tiny):
         agree += int((a == b).sum())
         total += len(ids)
     assert agree / total > 0.9
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (5, 33, 576), (17, 960, 576)])
+def test_int8_linear_is_the_dequantized_product(m, n, k):
+    gen = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen)
+    q, scale = cpu.quantize_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
+    ref = x.float() @ (q.float() * scale[:, None]).T
+    y = cpu.linear(x, q, out_fp32=True, w_scale=scale)
+    assert (y - ref).abs().max().item() < 1e-4 * k ** 0.5
+    with pytest.raises(ValueError):
+        cpu.linear(x.float(), q, out_fp32=True, w_scale=scale)  # int8 needs bf16 activations
+
+
+def test_int8_step_weights(tiny):
+    """quantization='int8': the fused step reads int8 weights; greedy tokens stay close to
+    bf16's, prefill-sized steps still run the bf16 model, and bad combinations are refused."""
+    from engine import LLM, SamplingParams
+    from test_models_hf import PROMPTS
+    kind, path, _ = tiny
+    b16 = LLM(model=str(path), dtype="bfloat16", device="cpu", num_kv_blocks=64)
+    i8 = LLM(model=str(path), quantization="int8", device="cpu", num_kv_blocks=64)
+    assert i8.engine.config.dtype == torch.bfloat16 and i8.engine.runner.fast.weights == "int8"
+    agree = total = 0
+    for ids in PROMPTS:
+        a = _fast_logits(b16.engine, ids)
+        b = _fast_logits(i8.engine, ids)
+        assert (a - b).abs().max() > 0, "int8 weights must change the numbers a little"
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+    assert agree / total > 0.85, kind
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = i8.generate(PROMPTS, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    for bad in (dict(dtype="float32"), dict(enforce_eager=True)):
+        with pytest.raises(ValueError, match="int8"):
+            LLM(model=str(path), quantization="int8", device="cpu", num_kv_blocks=64, **bad)

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <algorithm>
 #include <atomic>
@@ -283,49 +284,111 @@ template <int NR, int MC> struct Micro<bf16, NR, MC> {
 };
 #endif
 
-template <typename T, int NR>
-static inline void micro_dispatch(const T* x, int64_t K, const T* w, int mc,
+// int8 weights with one fp32 scale per row (w[n, k] = q[n, k] * scale[n]) and bf16
+// activations: codes widen to bf16 exactly (|q| <= 127) and go through vdpbf16ps; the scale
+// is applied once per output. Needs K % 32 == 0 (checked by the caller).
+template <int NR, int MC> struct Micro8 {
+    static inline void run(const bf16* x, int64_t K, const int8_t* w, float out[NRMAX][MT]) {
+#if defined(__AVX512BF16__)
+        __m512 acc[NR][MC];
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+            __m512bh wv[NR];
+            for (int r = 0; r < NR; ++r) {
+                if (NR > 1) _mm_prefetch((const char*)(w + (r + PF_ROWS * NR) * K + k), _MM_HINT_T0);
+                const __m256i q = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+                wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
+            }
+            for (int m = 0; m < MC; ++m) {
+                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
+            }
+        }
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MC; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+#else
+        for (int r = 0; r < NR; ++r)
+            for (int m = 0; m < MC; ++m) {
+                float s = 0.f;
+                for (int64_t k = 0; k < K; ++k) s += bf2f(x[m * K + k]) * (float)w[r * K + k];
+                out[r][m] = s;
+            }
+#endif
+    }
+};
+
+template <typename T, typename W, int NR, int MC>
+static inline void micro_run(const T* x, int64_t K, const W* w, float out[NRMAX][MT]) {
+    if constexpr (std::is_same<W, int8_t>::value) Micro8<NR, MC>::run(x, K, w, out);
+    else Micro<T, NR, MC>::run(x, K, w, out);
+}
+
+template <typename T, typename W, int NR>
+static inline void micro_dispatch(const T* x, int64_t K, const W* w, int mc,
                                   float out[NRMAX][MT]) {
     switch (mc) {
-        case 1: Micro<T, NR, 1>::run(x, K, w, out); break;
-        case 2: Micro<T, NR, 2>::run(x, K, w, out); break;
-        case 3: Micro<T, NR, 3>::run(x, K, w, out); break;
-        case 4: Micro<T, NR, 4>::run(x, K, w, out); break;
-        case 5: Micro<T, NR, 5>::run(x, K, w, out); break;
-        case 6: Micro<T, NR, 6>::run(x, K, w, out); break;
-        case 7: Micro<T, NR, 7>::run(x, K, w, out); break;
-        default: Micro<T, NR, 8>::run(x, K, w, out); break;
+        case 1: micro_run<T, W, NR, 1>(x, K, w, out); break;
+        case 2: micro_run<T, W, NR, 2>(x, K, w, out); break;
+        case 3: micro_run<T, W, NR, 3>(x, K, w, out); break;
+        case 4: micro_run<T, W, NR, 4>(x, K, w, out); break;
+        case 5: micro_run<T, W, NR, 5>(x, K, w, out); break;
+        case 6: micro_run<T, W, NR, 6>(x, K, w, out); break;
+        case 7: micro_run<T, W, NR, 7>(x, K, w, out); break;
+        default: micro_run<T, W, NR, 8>(x, K, w, out); break;
     }
 }
 
-template <typename T, int NR>
-static inline void gemm_tile(const T* x, const T* w, int64_t M, int64_t K, int64_t n,
+template <typename T, typename W, int NR>
+static inline void gemm_tile(const T* x, const W* w, int64_t M, int64_t K, int64_t n,
                              int64_t n0, float* out, int64_t ldo) {
     float acc[NRMAX][MT];
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int mc = (int)std::min<int64_t>(MT, M - m0);
-        micro_dispatch<T, NR>(x + m0 * K, K, w + n * K, mc, acc);
+        micro_dispatch<T, W, NR>(x + m0 * K, K, w + n * K, mc, acc);
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < mc; ++m) out[(m0 + m) * ldo + (n - n0) + r] = acc[r][m];
     }
 }
 
-// out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M.
-template <typename T>
-static void gemm_block(const T* x, const T* w, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                       float* out, int64_t ldo) {
+template <typename T, typename W>
+static void gemm_rows(const T* x, const W* w, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                      float* out, int64_t ldo) {
     int64_t n = n0;
     if (M >= 4)
-        for (; n + 3 <= n1; n += 3) gemm_tile<T, 3>(x, w, M, K, n, n0, out, ldo);
-    for (; n < n1; ++n) gemm_tile<T, 1>(x, w, M, K, n, n0, out, ldo);
+        for (; n + 3 <= n1; n += 3) gemm_tile<T, W, 3>(x, w, M, K, n, n0, out, ldo);
+    for (; n < n1; ++n) gemm_tile<T, W, 1>(x, w, M, K, n, n0, out, ldo);
+}
+
+// A weight matrix [N, K]: elements of the model's type, or int8 codes with a scale per row.
+struct WRef {
+    const void* w;
+    const float* scale;  // non-null: int8 codes
+};
+
+// out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M.
+template <typename T>
+static void gemm_block(const T* x, WRef w, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                       float* out, int64_t ldo) {
+    if (w.scale == nullptr) {
+        gemm_rows<T, T>(x, (const T*)w.w, M, K, n0, n1, out, ldo);
+        return;
+    }
+    if constexpr (std::is_same<T, bf16>::value) {
+        gemm_rows<T, int8_t>(x, (const int8_t*)w.w, M, K, n0, n1, out, ldo);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = n0; n < n1; ++n) out[m * ldo + (n - n0)] *= w.scale[n];
+    }
 }
 
 static const int64_t ROWS = 24;  // weight rows per chunk of work
 
-// y[m, n] (=|+=) x[m] . w[n] (+ bias[n]): x T [M, K], w T [N, K] (nn.Linear's layout),
+// y[m, n] (=|+=) x[m] . w[n] (+ bias[n]): x T [M, K], w [N, K] (nn.Linear's layout),
 // y fp32 or T with row stride ldy.
 template <typename T>
-static void linear(Pool& p, const T* x, const T* w, const T* bias, void* y, int64_t M,
+static void linear(Pool& p, const T* x, WRef w, const T* bias, void* y, int64_t M,
                    int64_t N, int64_t K, int64_t ldy, int mode) {
     parallel_for(p, (N + ROWS - 1) / ROWS, [&](int64_t c) {
         const int64_t n0 = c * ROWS, n1 = std::min(N, n0 + ROWS);
@@ -347,7 +410,7 @@ static void linear(Pool& p, const T* x, const T* w, const T* bias, void* y, int6
 
 // act[m, n] = silu(x[m] . w[n]) * (x[m] . w[I + n]) for the fused gate/up projection.
 template <typename T>
-static void gate_up_silu(Pool& p, const T* x, const T* w, T* act, int64_t M, int64_t I,
+static void gate_up_silu(Pool& p, const T* x, WRef w, T* act, int64_t M, int64_t I,
                          int64_t K) {
     parallel_for(p, (I + ROWS - 1) / ROWS, [&](int64_t c) {
         const int64_t n0 = c * ROWS, n1 = std::min(I, n0 + ROWS);
@@ -497,8 +560,9 @@ static int attention(Pool& p, const AttnArgs& a) {
 // ------------------------------------------------------------------------------ forward
 
 // Pointers of one decoder layer, in this order (0 where absent).
+// P_S*: per-row fp32 scales where that weight is int8 codes, else 0.
 enum LayerPtr { P_LN1, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_LN2, P_WGU, P_WDOWN,
-                P_KCACHE, P_VCACHE, P_COUNT };
+                P_KCACHE, P_VCACHE, P_SQKV, P_SO, P_SGU, P_SDOWN, P_COUNT };
 // Model dims, in this order.
 enum Dim { D_LAYERS, D_HIDDEN, D_HQ, D_HKV, D_HEADDIM, D_INTER, D_BLOCK, D_MAXBLOCKS,
            D_ROPE_POS, D_COUNT };
@@ -570,7 +634,8 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         // Small per-token work (norms, RoPE, the cache write) runs on the calling thread:
         // a few microseconds, less than handing it out would cost.
         rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN1], h.data(), M, H, eps);
-        linear<T>(p, h.data(), (const T*)P[P_WQKV], (const T*)P[P_BQKV], qkv.data(), M, QKV, H,
+        linear<T>(p, h.data(), {(const void*)P[P_WQKV], (const float*)P[P_SQKV]},
+                  (const T*)P[P_BQKV], qkv.data(), M, QKV, H,
                   QKV, OUT_F32);
         for (int64_t t = 0; t < M; ++t) {  // q/k norm (Qwen3), RoPE, new K/V into the cache
             float* row = qkv.data() + t * QKV;
@@ -589,11 +654,14 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         }
         // The K/V just stored are read back through the cache (as T), like every key.
         attention_body<T>(p, a, items, first, part.data());
-        linear<T>(p, h.data(), (const T*)P[P_WO], (const T*)nullptr, resid.data(), M, H, HQ * D,
+        linear<T>(p, h.data(), {(const void*)P[P_WO], (const float*)P[P_SO]}, (const T*)nullptr,
+                  resid.data(), M, H, HQ * D,
                   H, OUT_ADD_F32);
         rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN2], h.data(), M, H, eps);
-        gate_up_silu<T>(p, h.data(), (const T*)P[P_WGU], act.data(), M, I, H);
-        linear<T>(p, act.data(), (const T*)P[P_WDOWN], (const T*)nullptr, resid.data(), M, H, I,
+        gate_up_silu<T>(p, h.data(), {(const void*)P[P_WGU], (const float*)P[P_SGU]}, act.data(),
+                        M, I, H);
+        linear<T>(p, act.data(), {(const void*)P[P_WDOWN], (const float*)P[P_SDOWN]},
+                  (const T*)nullptr, resid.data(), M, H, I,
                   H, OUT_ADD_F32);
     }
     rmsnorm_rows<T>(resid.data(), final_norm, out, M, H, eps);
@@ -613,14 +681,19 @@ int kvs_has_avx512_bf16() {
 }
 
 // dtype: 0 = float32, 1 = bfloat16
-int kvs_linear(int dtype, const void* x, const void* w, const void* bias, void* y, int64_t M,
-               int64_t N, int64_t K, int out_fp32, int nthreads) {
+// w_scale non-null: w is int8 codes with a scale per row (bf16 x only).
+int kvs_linear(int dtype, const void* x, const void* w, const float* w_scale, const void* bias,
+               void* y, int64_t M, int64_t N, int64_t K, int out_fp32, int nthreads) {
     std::lock_guard<std::mutex> lock(pool_mutex);
     Pool& p = pool(nthreads);
     const int mode = out_fp32 ? OUT_F32 : OUT_T;
-    if (dtype == 0) linear<float>(p, (const float*)x, (const float*)w, (const float*)bias, y, M,
-                                  N, K, N, mode);
-    else linear<bf16>(p, (const bf16*)x, (const bf16*)w, (const bf16*)bias, y, M, N, K, N, mode);
+    if (dtype == 0) {
+        if (w_scale) return 1;
+        linear<float>(p, (const float*)x, {w, nullptr}, (const float*)bias, y, M, N, K, N, mode);
+    } else {
+        if (w_scale && K % 32) return 1;
+        linear<bf16>(p, (const bf16*)x, {w, w_scale}, (const bf16*)bias, y, M, N, K, N, mode);
+    }
     return 0;
 }
 
