@@ -52,6 +52,9 @@ _SIGNATURES = {
                      _P, _I, _I, _P, ctypes.c_int], ctypes.c_int),
 }
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# With int8 step weights, steps of at most this many tokens read them (bench/RESULTS.md:
+# faster up to 16 rows, slower at 64).
+INT8_MAX_TOKENS = 16
 
 
 def cache_dir() -> Path:
@@ -167,17 +170,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.to(q.dtype)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> int8 codes [N, K] and one float32 scale per row (symmetric, max |w| -> 127)."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+def quantize_int8(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> int8 codes [N, K] and float32 scales [N, K / group], symmetric per group of
+    `group` along K (max |w| of the group -> 127): llama.cpp's Q8_0 with fp32 scales."""
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // group, group)
+    scale = wg.abs().amax(dim=2).clamp_min(1e-12) / 127
+    q = torch.round(wg / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, k).contiguous(), scale.contiguous()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            out_fp32: bool = False, w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [M, K]; w: [N, K] same dtype (fp32/bf16), or int8 codes with w_scale [N] (bf16 x)
+    # x: [M, K]; w: [N, K] same dtype (fp32/bf16), or int8 codes with w_scale [N, K/32]
+    # (bf16 x only)
     # -> [M, N] (fp32 if out_fp32)
     lib = library()
     x = x.contiguous()
@@ -210,6 +216,23 @@ class Forward:
         self.block_size = block_size
         self.weights = weights
         self._keep = []  # tensors whose pointers the kernel holds
+
+        self.layer_ptrs = self._layer_ptrs(model, kv_caches, None)
+        # int8: the kernel reads int8 codes for steps of few tokens (bytes-bound) and the
+        # model's bf16 weights for more (compute-bound: widening the codes costs more than
+        # it saves there; bench/RESULTS.md).
+        self.layer_ptrs_int8 = self._layer_ptrs(model, kv_caches, "int8") if weights else None
+        self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
+        self.final_norm = model.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.lm_head_int8 = quantize_int8(model.lm_head.weight) if weights else None
+        self.cos = model.rope.cos.float().contiguous()
+        self.sin = model.rope.sin.float().contiguous()
+        self.max_positions = self.cos.shape[0]
+        self.dims_base = [cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                          cfg.head_dim, cfg.intermediate_size, block_size]
+
+    def _layer_ptrs(self, model, kv_caches, weights: str | None) -> torch.Tensor:
         ptrs = []
 
         def mat(linear_layer):  # (weight, scale) as the kernel reads them
@@ -232,19 +255,16 @@ class Forward:
                     assert t.dtype in (self.dtype, torch.int8, torch.float32), t.dtype
                     self._keep.append(t)
             ptrs += [_ptr(t) or 0 for t in tensors]
-        self.layer_ptrs = torch.tensor(ptrs, dtype=torch.int64)
-        self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
-        self.final_norm = model.norm.weight
-        self.lm_head, self.lm_head_scale = mat(model.lm_head)
-        self.cos = model.rope.cos.float().contiguous()
-        self.sin = model.rope.sin.float().contiguous()
-        self.max_positions = self.cos.shape[0]
-        self.dims_base = [cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
-                          cfg.head_dim, cfg.intermediate_size, block_size]
+        return torch.tensor(ptrs, dtype=torch.int64)
+
+    def use_int8(self, num_tokens: int) -> bool:
+        return self.lm_head_int8 is not None and num_tokens <= INT8_MAX_TOKENS
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] model dtype -> float32 [N, vocab]
-        return linear(hidden, self.lm_head, out_fp32=True, w_scale=self.lm_head_scale)
+        if self.use_int8(hidden.shape[0]):
+            return linear(hidden, *self.lm_head_int8, out_fp32=True)
+        return linear(hidden, self.lm_head, out_fp32=True)
 
     @staticmethod
     def supported(model, weights: str | None = None) -> bool:
@@ -283,7 +303,8 @@ class Forward:
         lens = seq_lens.to(torch.int32).contiguous()
         dims = torch.tensor(self.dims_base + [tables.shape[1], self.max_positions],
                             dtype=torch.int64)
-        rc = self.lib.kvs_forward(self.code, dims.data_ptr(), self.layer_ptrs.data_ptr(),
+        ptrs = self.layer_ptrs_int8 if self.use_int8(num_tokens) else self.layer_ptrs
+        rc = self.lib.kvs_forward(self.code, dims.data_ptr(), ptrs.data_ptr(),
                                   self.windows.data_ptr(), self.final_norm.data_ptr(),
                                   self.cos.data_ptr(), self.sin.data_ptr(), self.eps,
                                   x.data_ptr(), positions.data_ptr(), slots.data_ptr(),

@@ -284,11 +284,14 @@ template <int NR, int MC> struct Micro<bf16, NR, MC> {
 };
 #endif
 
-// int8 weights with one fp32 scale per row (w[n, k] = q[n, k] * scale[n]) and bf16
-// activations: codes widen to bf16 exactly (|q| <= 127) and go through vdpbf16ps; the scale
-// is applied once per output. Needs K % 32 == 0 (checked by the caller).
+// int8 weights with one fp32 scale per group of 32 along K (w[n, k] = q[n, k] * s[n, k/32],
+// llama.cpp's Q8_0 layout with fp32 scales) and bf16 activations: each group of codes is
+// widened, scaled and rounded to bf16, then goes through vdpbf16ps. K % 32 == 0 (checked
+// by the caller).
 template <int NR, int MC> struct Micro8 {
-    static inline void run(const bf16* x, int64_t K, const int8_t* w, float out[NRMAX][MT]) {
+    static inline void run(const bf16* x, int64_t K, const int8_t* w, const float* ws,
+                           float out[NRMAX][MT]) {
+        const int64_t G = K / 32;
 #if defined(__AVX512BF16__)
         __m512 acc[NR][MC];
         for (int r = 0; r < NR; ++r)
@@ -298,8 +301,11 @@ template <int NR, int MC> struct Micro8 {
             for (int r = 0; r < NR; ++r) {
                 if (NR > 1) _mm_prefetch((const char*)(w + (r + PF_ROWS * NR) * K + k), _MM_HINT_T0);
                 const __m256i q = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+                const __m512 sc = _mm512_set1_ps(ws[r * G + k / 32]);
+                const __m512 lo = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
+                const __m512 hi = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
                 wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
             }
             for (int m = 0; m < MC; ++m) {
@@ -313,7 +319,8 @@ template <int NR, int MC> struct Micro8 {
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < MC; ++m) {
                 float s = 0.f;
-                for (int64_t k = 0; k < K; ++k) s += bf2f(x[m * K + k]) * (float)w[r * K + k];
+                for (int64_t k = 0; k < K; ++k)
+                    s += bf2f(x[m * K + k]) * bf2f(f2bf(w[r * K + k] * ws[r * G + k / 32]));
                 out[r][m] = s;
             }
 #endif
@@ -321,51 +328,53 @@ template <int NR, int MC> struct Micro8 {
 };
 
 template <typename T, typename W, int NR, int MC>
-static inline void micro_run(const T* x, int64_t K, const W* w, float out[NRMAX][MT]) {
-    if constexpr (std::is_same<W, int8_t>::value) Micro8<NR, MC>::run(x, K, w, out);
+static inline void micro_run(const T* x, int64_t K, const W* w, const float* ws,
+                             float out[NRMAX][MT]) {
+    if constexpr (std::is_same<W, int8_t>::value) Micro8<NR, MC>::run(x, K, w, ws, out);
     else Micro<T, NR, MC>::run(x, K, w, out);
 }
 
 template <typename T, typename W, int NR>
-static inline void micro_dispatch(const T* x, int64_t K, const W* w, int mc,
+static inline void micro_dispatch(const T* x, int64_t K, const W* w, const float* ws, int mc,
                                   float out[NRMAX][MT]) {
     switch (mc) {
-        case 1: micro_run<T, W, NR, 1>(x, K, w, out); break;
-        case 2: micro_run<T, W, NR, 2>(x, K, w, out); break;
-        case 3: micro_run<T, W, NR, 3>(x, K, w, out); break;
-        case 4: micro_run<T, W, NR, 4>(x, K, w, out); break;
-        case 5: micro_run<T, W, NR, 5>(x, K, w, out); break;
-        case 6: micro_run<T, W, NR, 6>(x, K, w, out); break;
-        case 7: micro_run<T, W, NR, 7>(x, K, w, out); break;
-        default: micro_run<T, W, NR, 8>(x, K, w, out); break;
+        case 1: micro_run<T, W, NR, 1>(x, K, w, ws, out); break;
+        case 2: micro_run<T, W, NR, 2>(x, K, w, ws, out); break;
+        case 3: micro_run<T, W, NR, 3>(x, K, w, ws, out); break;
+        case 4: micro_run<T, W, NR, 4>(x, K, w, ws, out); break;
+        case 5: micro_run<T, W, NR, 5>(x, K, w, ws, out); break;
+        case 6: micro_run<T, W, NR, 6>(x, K, w, ws, out); break;
+        case 7: micro_run<T, W, NR, 7>(x, K, w, ws, out); break;
+        default: micro_run<T, W, NR, 8>(x, K, w, ws, out); break;
     }
 }
 
 template <typename T, typename W, int NR>
-static inline void gemm_tile(const T* x, const W* w, int64_t M, int64_t K, int64_t n,
-                             int64_t n0, float* out, int64_t ldo) {
+static inline void gemm_tile(const T* x, const W* w, const float* ws, int64_t M, int64_t K,
+                             int64_t n, int64_t n0, float* out, int64_t ldo) {
     float acc[NRMAX][MT];
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int mc = (int)std::min<int64_t>(MT, M - m0);
-        micro_dispatch<T, W, NR>(x + m0 * K, K, w + n * K, mc, acc);
+        micro_dispatch<T, W, NR>(x + m0 * K, K, w + n * K, ws ? ws + n * (K / 32) : nullptr,
+                                 mc, acc);
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < mc; ++m) out[(m0 + m) * ldo + (n - n0) + r] = acc[r][m];
     }
 }
 
 template <typename T, typename W>
-static void gemm_rows(const T* x, const W* w, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                      float* out, int64_t ldo) {
+static void gemm_rows(const T* x, const W* w, const float* ws, int64_t M, int64_t K, int64_t n0,
+                      int64_t n1, float* out, int64_t ldo) {
     int64_t n = n0;
     if (M >= 4)
-        for (; n + 3 <= n1; n += 3) gemm_tile<T, W, 3>(x, w, M, K, n, n0, out, ldo);
-    for (; n < n1; ++n) gemm_tile<T, W, 1>(x, w, M, K, n, n0, out, ldo);
+        for (; n + 3 <= n1; n += 3) gemm_tile<T, W, 3>(x, w, ws, M, K, n, n0, out, ldo);
+    for (; n < n1; ++n) gemm_tile<T, W, 1>(x, w, ws, M, K, n, n0, out, ldo);
 }
 
 // A weight matrix [N, K]: elements of the model's type, or int8 codes with a scale per row.
 struct WRef {
     const void* w;
-    const float* scale;  // non-null: int8 codes
+    const float* scale;  // non-null: int8 codes, scales [N, K / 32]
 };
 
 // out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M.
@@ -373,13 +382,11 @@ template <typename T>
 static void gemm_block(const T* x, WRef w, int64_t M, int64_t K, int64_t n0, int64_t n1,
                        float* out, int64_t ldo) {
     if (w.scale == nullptr) {
-        gemm_rows<T, T>(x, (const T*)w.w, M, K, n0, n1, out, ldo);
+        gemm_rows<T, T>(x, (const T*)w.w, nullptr, M, K, n0, n1, out, ldo);
         return;
     }
     if constexpr (std::is_same<T, bf16>::value) {
-        gemm_rows<T, int8_t>(x, (const int8_t*)w.w, M, K, n0, n1, out, ldo);
-        for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = n0; n < n1; ++n) out[m * ldo + (n - n0)] *= w.scale[n];
+        gemm_rows<T, int8_t>(x, (const int8_t*)w.w, w.scale, M, K, n0, n1, out, ldo);
     }
 }
 
@@ -681,7 +688,7 @@ int kvs_has_avx512_bf16() {
 }
 
 // dtype: 0 = float32, 1 = bfloat16
-// w_scale non-null: w is int8 codes with a scale per row (bf16 x only).
+// w_scale non-null: w is int8 codes with fp32 scales [N, K / 32] (bf16 x only).
 int kvs_linear(int dtype, const void* x, const void* w, const float* w_scale, const void* bias,
                void* y, int64_t M, int64_t N, int64_t K, int out_fp32, int nthreads) {
     std::lock_guard<std::mutex> lock(pool_mutex);
