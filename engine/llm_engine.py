@@ -99,7 +99,8 @@ class LLMEngine:
                   quantization: str | None = None, enforce_eager: bool = False) -> "LLMEngine":
         source = resolve_model(model)
         dev = resolve_device(device)
-        quantization = resolve_quantization(quantization)
+        auto_quant = quantization == "auto"
+        quantization = None if auto_quant else resolve_quantization(quantization)
         dt = int4_dtype(dtype, dev) if quantization == "int4" else resolve_dtype(dtype, dev)
         if quantization == "int8":
             # int8 weights live in the fused CPU step (decode); prefill chunks keep bf16 GEMMs.
@@ -129,6 +130,15 @@ class LLMEngine:
                              "the environment (slow; for tests); use 'torch' on the CPU")
         gguf = GGUFFile(source.path) if source.kind == "gguf" else None
         model_cfg = gguf.config() if gguf else hf_config(source.path)
+        if auto_quant:
+            # `kvserve serve`'s default: int8 step weights where the fused bf16 CPU step runs
+            # (decode reads half the bytes; quality in bench/RESULTS.md), nothing elsewhere.
+            dims = (model_cfg.hidden_size, model_cfg.intermediate_size,
+                    model_cfg.num_heads * model_cfg.head_dim)
+            if (dev.type == "cpu" and dt == torch.bfloat16 and not enforce_eager
+                    and attention_backend == "cpu" and not any(d % 32 for d in dims)):
+                quantization = "int8"
+            logger.info("quantization auto -> %s", quantization or "none")
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         max_positions = max_model_len or model_cfg.max_position_embeddings

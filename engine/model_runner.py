@@ -42,8 +42,9 @@ class ModelRunner:
             raise ValueError("quantization='int8' needs the fused CPU step, which this model "
                              "cannot use (bfloat16 weights, dimensions divisible by 32)")
         logger.info("step: %s; attention: %s",
-                    f"fused CPU forward ({weights or 'model-dtype'} weights) for steps of <= "
-                    f"{FAST_MAX_TOKENS} tokens, torch beyond"
+                    f"fused CPU forward for steps of <= {FAST_MAX_TOKENS} tokens"
+                    + (f" (int8 weights up to {cpu_kernels.INT8_MAX_TOKENS})" if weights else "")
+                    + ", torch beyond"
                     if self.fast else "eager torch" + (" (--enforce-eager)"
                                                        if config.enforce_eager else ""),
                     config.attention_backend)

@@ -186,9 +186,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     # (bf16 x only)
     # -> [M, N] (fp32 if out_fp32)
     lib = library()
-    x = x.contiguous()
+    x, w = x.contiguous(), w.contiguous()
     m, k = x.shape
     n = w.shape[0]
+    if (w.dtype == torch.int8) != (w_scale is not None) or w.shape[1] != k \
+            or (w.dtype != torch.int8 and w.dtype != x.dtype) \
+            or (w_scale is not None and tuple(w_scale.shape) != (n, k // 32)):
+        raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}, "
+                         f"w_scale {None if w_scale is None else tuple(w_scale.shape)}: int8 "
+                         f"weights need w_scale [N, K/32], others the dtype of x")
     y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
     rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale),
                         _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), torch.get_num_threads())
@@ -263,7 +269,8 @@ class Forward:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] model dtype -> float32 [N, vocab]
         if self.use_int8(hidden.shape[0]):
-            return linear(hidden, *self.lm_head_int8, out_fp32=True)
+            codes, scales = self.lm_head_int8
+            return linear(hidden, codes, out_fp32=True, w_scale=scales)
         return linear(hidden, self.lm_head, out_fp32=True)
 
     @staticmethod

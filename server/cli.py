@@ -21,9 +21,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--quantization", default=None, choices=["none", "int4", "int8"],
-                   help="int4: weight-only int4 linears (CPU, bfloat16 activations); int8: "
-                        "the fused CPU decode step reads int8 weights (prefill stays bf16)")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                   help="auto (default): int8 where the fused bf16 CPU step runs, else none; "
+                        "int8: the fused CPU step reads int8 weights in groups of 32 for steps "
+                        "of <= 16 tokens (bf16 beyond); int4: weight-only int4 linears (torch "
+                        "kernel, eager step)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step as eager torch ops (no fused CPU decode forward)")
 
