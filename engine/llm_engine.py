@@ -154,7 +154,7 @@ class LLMEngine:
             quantize_model(net)  # from the float32 weights
         net = net.to(dt)
         net.rope.to(torch.float32)
-        if dtype == "auto" and quantization is None:
+        if dtype == "auto" and quantization != "int4":
             logger.info("dtype auto -> %s on %s%s", str(dt).removeprefix("torch."), dev.type,
                         " (the CPU has native bf16; --dtype float32 matches transformers "
                         "exactly)" if dt == torch.bfloat16 and dev.type == "cpu" else "")
