@@ -1,12 +1,13 @@
 """Frozen configuration: what the model is (ModelConfig) and how the engine runs it (EngineConfig)."""
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+
+from kernels.cpu import cpu_flags
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
@@ -125,16 +126,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """The CPU computes bf16 dot products natively (AVX-512 BF16 or AMX): bf16 weights then
     run ~1.7x faster than float32 here and read half the bytes (bench/RESULTS.md)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -102,17 +102,8 @@ class LLMEngine:
         auto_quant = quantization == "auto"
         quantization = None if auto_quant else resolve_quantization(quantization)
         dt = int4_dtype(dtype, dev) if quantization == "int4" else resolve_dtype(dtype, dev)
-        if quantization == "int8":
-            # int8 weights live in the fused CPU step (decode); prefill chunks keep bf16 GEMMs.
-            if dtype == "auto":
-                dt = torch.bfloat16
-            if dev.type != "cpu" or dt != torch.bfloat16 or enforce_eager:
-                raise ValueError("quantization='int8' is the fused CPU step's weight format: it "
-                                 "needs device='cpu', dtype bfloat16 (or auto) and no "
-                                 "enforce_eager")
-            if not cpu_kernels.available():
-                raise ValueError(f"quantization='int8' needs kvserve's CPU kernels, which could "
-                                 f"not be built: {cpu_kernels.unavailable_reason()}")
+        if quantization == "int8" and dtype == "auto":
+            dt = torch.bfloat16  # int8 step weights go with bf16 activations
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if attention_backend == "auto":
@@ -130,15 +121,18 @@ class LLMEngine:
                              "the environment (slow; for tests); use 'torch' on the CPU")
         gguf = GGUFFile(source.path) if source.kind == "gguf" else None
         model_cfg = gguf.config() if gguf else hf_config(source.path)
-        if auto_quant:
-            # `kvserve serve`'s default: int8 step weights where the fused bf16 CPU step runs
-            # (decode reads half the bytes; quality in bench/RESULTS.md), nothing elsewhere.
-            dims = (model_cfg.hidden_size, model_cfg.intermediate_size,
-                    model_cfg.num_heads * model_cfg.head_dim)
-            if (dev.type == "cpu" and dt == torch.bfloat16 and not enforce_eager
-                    and attention_backend == "cpu" and not any(d % 32 for d in dims)):
-                quantization = "int8"
+        # int8 weights live in the fused bf16 CPU step (decode); prefill chunks keep bf16 GEMMs.
+        int8_ok = (dev.type == "cpu" and dt == torch.bfloat16 and not enforce_eager
+                   and cpu_kernels.available() and cpu_kernels.int8_shapes_ok(model_cfg))
+        if auto_quant:  # `kvserve serve`'s default: int8 step weights wherever they can run
+            quantization = "int8" if int8_ok else None
             logger.info("quantization auto -> %s", quantization or "none")
+        elif quantization == "int8" and not int8_ok:
+            raise ValueError("quantization='int8' is the fused CPU step's weight format: it needs "
+                             "device='cpu', dtype bfloat16 (or auto), no enforce_eager, GEMM "
+                             "dimensions divisible by 32 and kvserve's CPU kernels"
+                             + (f" (not built: {cpu_kernels.unavailable_reason()})"
+                                if not cpu_kernels.available() else ""))
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         max_positions = max_model_len or model_cfg.max_position_embeddings

@@ -1,27 +1,27 @@
 """kvserve's CPU kernels (kernels/csrc/cpu_kernels.cpp), built on first use and called via ctypes.
 
-The source has no torch headers, so `c++ -O3 -march=native -fopenmp` builds it in a few
-seconds. The library is cached under $KVSERVE_CACHE (default ~/.cache/kvserve)/cpu_kernels,
-keyed by a hash of the source, the compiler and the CPU flags, so a second start loads it at
-once. Its OpenMP calls resolve to the libgomp that torch has loaded (same soname), so torch's
-ops and these kernels share one thread team. Where no compiler is found or the build fails,
-`available()` is False, the reason is logged once, and callers use the torch paths.
+The source has no torch headers, so `c++ -O3 -march=native` builds it in seconds. The library
+is cached under $KVSERVE_CACHE (default ~/.cache/kvserve)/cpu_kernels, keyed by a hash of the
+source, the flags, the compiler and the CPU flags, so a second start loads it at once. The
+kernels run on their own thread pool (the .cpp says why not OpenMP). Where no compiler is
+found or the build fails, `available()` is False, the reason is logged once, and callers use
+the torch paths.
 
 Kernels (fp32 or bf16 tensors, CPU, contiguous):
 - `paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, window)`:
   the signature and semantics of `kernels.reference.paged_attention_ref`, reading each live
   K/V row once straight from the paged cache; a sequence costs what its own keys cost.
-- `linear(x, w, bias=None, out_fp32=False)`: x @ w.T (+ bias) for the few-row case (decode),
-  one pass over each weight row per 8 input rows.
+- `linear(x, w, bias=None, out_fp32=False, w_scale=None)`: x @ w.T (+ bias) for the few-row
+  case (decode); w may be int8 codes from `quantize_int8` with their scales.
 - `Forward`: the whole decoder stack of a `CausalLM` for a small flat batch in one call.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -67,14 +67,22 @@ def _compiler() -> str | None:
         or shutil.which("clang++")
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        pass
-    return platform.processor()
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def int8_shapes_ok(cfg) -> bool:
+    """int8 step weights need every GEMM's K (hidden, intermediate, q heads x head_dim) to be a
+    multiple of their group of 32."""
+    return not any(k % 32 for k in (cfg.hidden_size, cfg.intermediate_size,
+                                    cfg.num_heads * cfg.head_dim))
 
 
 def _build() -> ctypes.CDLL:
@@ -84,7 +92,7 @@ def _build() -> ctypes.CDLL:
     src = SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(src + " ".join(CFLAGS).encode() + version.encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
+                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     target = cache_dir() / f"libkvserve_cpu_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +148,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(rc: int, what: str) -> None:
+    if rc == 2:
+        raise ValueError(f"{what}: a position is beyond the model's rotary table")
     if rc != 0:
         raise ValueError(f"{what}: shape not supported by the CPU kernel (head_dim <= 256, "
                          f"at most 16 query heads per KV head)")
@@ -277,11 +287,8 @@ class Forward:
     def supported(model, weights: str | None = None) -> bool:
         from torch import nn
         dtype = model.embed_tokens.weight.dtype
-        if weights == "int8":
-            k = (model.config.hidden_size, model.config.intermediate_size,
-                 model.config.num_heads * model.config.head_dim)
-            if dtype != torch.bfloat16 or any(x % 32 for x in k):
-                return False
+        if weights == "int8" and (dtype != torch.bfloat16 or not int8_shapes_ok(model.config)):
+            return False
         if dtype not in DTYPE_CODES or model.embed_tokens.weight.device.type != "cpu":
             return False
         cfg = model.config

@@ -613,6 +613,8 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
                   D = dims[D_HEADDIM], I = dims[D_INTER], B = dims[D_BLOCK];
     const int64_t M = num_tokens, QKV = (HQ + 2 * HKV) * D;
     if (D > 256 || HQ / HKV > MAXG) return 1;
+    for (int64_t t = 0; t < M; ++t)
+        if (positions[t] < 0 || positions[t] >= dims[D_ROPE_POS]) return 2;
     std::vector<float> resid(M * H), qkv(M * QKV);
     std::vector<T> h(M * std::max(H, HQ * D)), act(M * I);
     AttnArgs a{};
