@@ -2,6 +2,7 @@
 
     python bench/step.py [--dtypes float32 bfloat16] [--batches 1 16 64] [--context 64]
     python bench/step.py --long 8192          # also: 15 short streams beside one long one
+    python bench/step.py --quantization int8  # the fused step reads int8 weights (W8A8)
 
 For each dtype and batch size B it builds B sequences whose KV caches already hold
 `--context` tokens (random K/V: timing does not depend on the values), then times, alternating
@@ -83,19 +84,23 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=64, help="tokens already in each cache")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--long", type=int, default=0, help="length of the long sequence (0: skip)")
+    ap.add_argument("--quantization", default=None, choices=[None, "int8"],
+                    help="int8: the fused step (and execute) reads int8 weights; eager keeps "
+                         "the dtype's")
     args = ap.parse_args()
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, avx512_bf16 kernels: "
           f"{bool(cpu.available() and cpu.library().kvs_has_avx512_bf16())}; "
           f"{time.strftime('%Y-%m-%d')}")
-    print("\n| dtype | batch | eager ms | fused ms | eager/fused | execute ms (default path) |")
+    fused_w = args.quantization or "dtype"
+    print(f"\n| dtype | batch | eager ms | fused ({fused_w}) ms | eager/fused | execute ms |")
     print("|---|---|---|---|---|---|")
     longest = max(args.context + 1, args.long + 1)
     for dtype in args.dtypes:
         # room for the widest batch, or for 15 short sequences and the long one
         blocks = (max(max(args.batches), 16) * (args.context + 2) + longest) // 16 + 64
         llm = LLM(dtype=dtype, device="cpu", num_kv_blocks=blocks, max_model_len=longest + 16,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, quantization=args.quantization)
         engine, runner = llm.engine, llm.engine.runner
         for b in args.batches:
             seqs = make_seqs(engine, [args.context + 1] * b)

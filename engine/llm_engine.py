@@ -102,8 +102,6 @@ class LLMEngine:
         auto_quant = quantization == "auto"
         quantization = None if auto_quant else resolve_quantization(quantization)
         dt = int4_dtype(dtype, dev) if quantization == "int4" else resolve_dtype(dtype, dev)
-        if quantization == "int8" and dtype == "auto":
-            dt = torch.bfloat16  # int8 step weights go with bf16 activations
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         if attention_backend == "auto":
@@ -121,16 +119,20 @@ class LLMEngine:
                              "the environment (slow; for tests); use 'torch' on the CPU")
         gguf = GGUFFile(source.path) if source.kind == "gguf" else None
         model_cfg = gguf.config() if gguf else hf_config(source.path)
-        # int8 weights live in the fused bf16 CPU step (decode); prefill chunks keep bf16 GEMMs.
-        int8_ok = (dev.type == "cpu" and dt == torch.bfloat16 and not enforce_eager
+        # int8 weights live in the fused CPU step (decode and short prefill chunks); longer
+        # prefill chunks keep the model's own weights and torch's GEMMs.
+        int8_ok = (dev.type == "cpu" and cpu_kernels.supports(dt) and not enforce_eager
                    and cpu_kernels.available() and cpu_kernels.int8_shapes_ok(model_cfg))
-        if auto_quant:  # `kvserve serve`'s default: int8 step weights wherever they can run
-            quantization = "int8" if int8_ok else None
+        if auto_quant:  # `kvserve serve`'s default: int8 step weights where VNNI runs them,
+            # unless float32 was asked for (it stays equal to transformers)
+            quantization = "int8" if (int8_ok and cpu_kernels.has_vnni()
+                                      and (dtype == "auto" or dt != torch.float32)) else None
             logger.info("quantization auto -> %s", quantization or "none")
         elif quantization == "int8" and not int8_ok:
             raise ValueError("quantization='int8' is the fused CPU step's weight format: it needs "
-                             "device='cpu', dtype bfloat16 (or auto), no enforce_eager, GEMM "
-                             "dimensions divisible by 32 and kvserve's CPU kernels"
+                             "device='cpu', dtype float32 or bfloat16, no enforce_eager, GEMM "
+                             "dimensions divisible by 32 (fused QKV rows by 16) and kvserve's "
+                             "CPU kernels"
                              + (f" (not built: {cpu_kernels.unavailable_reason()})"
                                 if not cpu_kernels.available() else ""))
         t0 = time.perf_counter()

@@ -12,7 +12,8 @@ Kernels (fp32 or bf16 tensors, CPU, contiguous):
   the signature and semantics of `kernels.reference.paged_attention_ref`, reading each live
   K/V row once straight from the paged cache; a sequence costs what its own keys cost.
 - `linear(x, w, bias=None, out_fp32=False, w_scale=None)`: x @ w.T (+ bias) for the few-row
-  case (decode); w may be int8 codes from `quantize_int8` with their scales.
+  case (decode); w may be `pack_q8`'s int8 weight (then x is quantized to int8 per group of 32
+  and multiplied with AVX-512 VNNI).
 - `Forward`: the whole decoder stack of a `CausalLM` for a small flat batch in one call.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "kvs_has_avx512_bf16": ([], ctypes.c_int),
+    "kvs_has_vnni": ([], ctypes.c_int),
     "kvs_linear": ([ctypes.c_int, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
                    ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
@@ -52,9 +54,6 @@ _SIGNATURES = {
                      _P, _I, _I, _P, ctypes.c_int], ctypes.c_int),
 }
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# With int8 step weights, steps of at most this many tokens read them (bench/RESULTS.md:
-# faster up to 16 rows, slower at 64).
-INT8_MAX_TOKENS = 16
 
 
 def cache_dir() -> Path:
@@ -79,10 +78,18 @@ def cpu_flags() -> frozenset[str]:
 
 
 def int8_shapes_ok(cfg) -> bool:
-    """int8 step weights need every GEMM's K (hidden, intermediate, q heads x head_dim) to be a
-    multiple of their group of 32."""
+    """int8 step weights (pack_q8) need every layer GEMM's K (hidden, intermediate, q heads x
+    head_dim) to be a multiple of 32 and its N (those and the fused QKV rows) of 16."""
     return not any(k % 32 for k in (cfg.hidden_size, cfg.intermediate_size,
-                                    cfg.num_heads * cfg.head_dim))
+                                    cfg.num_heads * cfg.head_dim)) \
+        and not (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim % 16
+
+
+def has_vnni() -> bool:
+    """The kernels were built with AVX-512 VNNI, which int8 step weights need to be fast (the
+    portable fallback is exact but slow)."""
+    lib = library()
+    return lib is not None and bool(lib.kvs_has_vnni())
 
 
 def _build() -> ctypes.CDLL:
@@ -190,26 +197,57 @@ def quantize_int8(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch
     return q.reshape(n, k).contiguous(), scale.contiguous()
 
 
+def pack_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> the kernel's int8 weight (N % 16 == 0, K % 32 == 0): `quantize_int8`'s codes
+    + 128 as u8 in the "q8 tile" layout [N/16, K/32, 8, 16, 4] (lane l of each 64-byte vector
+    holds 4 codes of row 16 t + l; cpu_kernels.cpp) and its scales as [N/16, K/32, 16]."""
+    n, k = w.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"int8 weights need out_features % 16 == 0 and in_features % 32 == 0, "
+                         f"got {n} x {k}")
+    codes, scales = quantize_int8(w)
+    u8 = (codes.to(torch.int16) + 128).to(torch.uint8)
+    tiles = u8.reshape(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
+    return tiles.contiguous(), scales.reshape(n // 16, 16, k // 32).permute(0, 2, 1).contiguous()
+
+
+def unpack_q8(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """pack_q8's inverse, float32 [N, K] (the weights the kernel multiplies by)."""
+    nt, g = packed.shape[:2]
+    codes = packed.permute(0, 3, 1, 2, 4).reshape(nt * 16, g * 32).float() - 128
+    return codes * scales.permute(0, 2, 1).reshape(nt * 16, g).repeat_interleave(32, dim=1)
+
+
+def quantize_act_q8(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies an int8 weight by: x [M, K] rounded to int8 per group of 32
+    (max |x| -> 127, round half to even), as float32."""
+    m, k = x.shape
+    xg = x.float().reshape(m, k // 32, 32)
+    amax = xg.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(xg * inv) * (amax / 127)).reshape(m, k)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            out_fp32: bool = False, w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [M, K]; w: [N, K] same dtype (fp32/bf16), or int8 codes with w_scale [N, K/32]
-    # (bf16 x only)
-    # -> [M, N] (fp32 if out_fp32)
+    # x: [M, K] fp32/bf16; w: [N, K] of x's dtype, or pack_q8's codes with w_scale (then x is
+    # quantized to int8 per group of 32 inside) -> [M, N] (fp32 if out_fp32)
     lib = library()
     x, w = x.contiguous(), w.contiguous()
     m, k = x.shape
-    n = w.shape[0]
-    if (w.dtype == torch.int8) != (w_scale is not None) or w.shape[1] != k \
-            or (w.dtype != torch.int8 and w.dtype != x.dtype) \
-            or (w_scale is not None and tuple(w_scale.shape) != (n, k // 32)):
+    q8 = w.dtype == torch.uint8
+    n = w.shape[0] * 16 if q8 else w.shape[0]
+    if q8 != (w_scale is not None) or (not q8 and (w.dtype != x.dtype or w.shape[1] != k)) \
+            or (q8 and (tuple(w.shape) != (n // 16, k // 32, 8, 16, 4)
+                        or tuple(w_scale.shape) != (n // 16, k // 32, 16))):
         raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}, "
                          f"w_scale {None if w_scale is None else tuple(w_scale.shape)}: int8 "
-                         f"weights need w_scale [N, K/32], others the dtype of x")
+                         f"weights are pack_q8's, others [N, K] of x's dtype")
     y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
     rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale),
                         _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), torch.get_num_threads())
     if rc != 0:
-        raise ValueError("int8 weights need bfloat16 activations and in_features % 32 == 0")
+        raise ValueError("int8 weights need in_features % 32 == 0")
     return y
 
 
@@ -233,15 +271,14 @@ class Forward:
         self.weights = weights
         self._keep = []  # tensors whose pointers the kernel holds
 
-        self.layer_ptrs = self._layer_ptrs(model, kv_caches, None)
-        # int8: the kernel reads int8 codes for steps of few tokens (bytes-bound) and the
-        # model's bf16 weights for more (compute-bound: widening the codes costs more than
-        # it saves there; bench/RESULTS.md).
-        self.layer_ptrs_int8 = self._layer_ptrs(model, kv_caches, "int8") if weights else None
+        # int8: every fused step reads the int8 weights (pack_q8); the model's own weights stay
+        # for the torch path (longer prefill chunks).
+        self.layer_ptrs = self._layer_ptrs(model, kv_caches, weights)
         self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
         self.final_norm = model.norm.weight
         self.lm_head = model.lm_head.weight
-        self.lm_head_int8 = quantize_int8(model.lm_head.weight) if weights else None
+        self.lm_head_int8 = pack_q8(model.lm_head.weight) \
+            if weights and model.lm_head.weight.shape[0] % 16 == 0 else None
         self.cos = model.rope.cos.float().contiguous()
         self.sin = model.rope.sin.float().contiguous()
         self.max_positions = self.cos.shape[0]
@@ -253,7 +290,7 @@ class Forward:
 
         def mat(linear_layer):  # (weight, scale) as the kernel reads them
             if weights == "int8":
-                return quantize_int8(linear_layer.weight)
+                return pack_q8(linear_layer.weight)
             return linear_layer.weight, None
 
         for layer, (kc, vc) in zip(model.layers, kv_caches):
@@ -268,17 +305,14 @@ class Forward:
             for t in tensors:
                 if t is not None:
                     assert t.is_contiguous(), t.shape
-                    assert t.dtype in (self.dtype, torch.int8, torch.float32), t.dtype
+                    assert t.dtype in (self.dtype, torch.uint8, torch.float32), t.dtype
                     self._keep.append(t)
             ptrs += [_ptr(t) or 0 for t in tensors]
         return torch.tensor(ptrs, dtype=torch.int64)
 
-    def use_int8(self, num_tokens: int) -> bool:
-        return self.lm_head_int8 is not None and num_tokens <= INT8_MAX_TOKENS
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] model dtype -> float32 [N, vocab]
-        if self.use_int8(hidden.shape[0]):
+        if self.lm_head_int8 is not None:
             codes, scales = self.lm_head_int8
             return linear(hidden, codes, out_fp32=True, w_scale=scales)
         return linear(hidden, self.lm_head, out_fp32=True)
@@ -287,7 +321,7 @@ class Forward:
     def supported(model, weights: str | None = None) -> bool:
         from torch import nn
         dtype = model.embed_tokens.weight.dtype
-        if weights == "int8" and (dtype != torch.bfloat16 or not int8_shapes_ok(model.config)):
+        if weights == "int8" and not int8_shapes_ok(model.config):
             return False
         if dtype not in DTYPE_CODES or model.embed_tokens.weight.device.type != "cpu":
             return False
@@ -317,8 +351,7 @@ class Forward:
         lens = seq_lens.to(torch.int32).contiguous()
         dims = torch.tensor(self.dims_base + [tables.shape[1], self.max_positions],
                             dtype=torch.int64)
-        ptrs = self.layer_ptrs_int8 if self.use_int8(num_tokens) else self.layer_ptrs
-        rc = self.lib.kvs_forward(self.code, dims.data_ptr(), ptrs.data_ptr(),
+        rc = self.lib.kvs_forward(self.code, dims.data_ptr(), self.layer_ptrs.data_ptr(),
                                   self.windows.data_ptr(), self.final_norm.data_ptr(),
                                   self.cos.data_ptr(), self.sin.data_ptr(), self.eps,
                                   x.data_ptr(), positions.data_ptr(), slots.data_ptr(),

@@ -22,10 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     g.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
-                   help="auto (default): int8 where the fused bf16 CPU step runs, else none; "
-                        "int8: the fused CPU step reads int8 weights in groups of 32 for steps "
-                        "of <= 16 tokens (bf16 beyond); int4: weight-only int4 linears (torch "
-                        "kernel, eager step)")
+                   help="auto (default): int8 where the fused CPU step runs on AVX-512 VNNI, "
+                        "else none; int8: the fused CPU step multiplies int8 weights (groups "
+                        "of 32) by int8-rounded activations (llama.cpp's Q8_0 x Q8_0); int4: "
+                        "weight-only int4 linears (torch kernel, eager step)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step as eager torch ops (no fused CPU decode forward)")
 

@@ -180,52 +180,94 @@ def test_bf16_fused_forward_stays_close_to_fp32(tiny):
     assert agree / total > 0.9
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (5, 33, 576), (17, 960, 576)])
-def test_int8_linear_is_the_dequantized_product(m, n, k):
+def test_q8_layout_is_the_documented_one():
+    """pack_q8: code + 128 of row 16 t + l, element g * 32 + s * 4 + j sits at [t, g, s, l, j];
+    scales at [t, g, l]; unpack_q8 inverts it."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 96, generator=gen)
+    codes, scales = cpu.quantize_int8(w)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127
+    assert scales.shape == (32, 3)
+    deq = (codes.float().reshape(32, 3, 32) * scales[..., None]).reshape(32, 96)
+    assert (deq - w).abs().max() <= scales.max() / 2 + 1e-6
+    packed, lane_scales = cpu.pack_q8(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 8, 16, 4)
+    for n, k in [(0, 0), (17, 45), (31, 95), (5, 64)]:
+        t, lane, g, rest = n // 16, n % 16, k // 32, k % 32
+        assert int(packed[t, g, rest // 4, lane, rest % 4]) == int(codes[n, k]) + 128
+        assert float(lane_scales[t, g, lane]) == float(scales[n, g])
+    assert torch.equal(cpu.unpack_q8(packed, lane_scales), deq)
+    for bad in ((33, 96), (32, 80)):
+        with pytest.raises(ValueError, match="int8"):
+            cpu.pack_q8(torch.randn(*bad))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (5, 48, 576), (17, 960, 576), (70, 32, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_is_the_quantized_product(m, n, k, dtype):
+    """W8A8: the kernel's result is exactly (to fp32 rounding) the product of the int8-rounded
+    activations (per group of 32) and the int8 weights; both close to the float product."""
     gen = torch.Generator().manual_seed(m + n)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    w = torch.randn(n, k, generator=gen)
-    q, scale = cpu.quantize_int8(w)
-    assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and scale.shape == (n, k // 32)
-    deq = (q.float().reshape(n, k // 32, 32) * scale[..., None]).reshape(n, k)
-    assert (deq - w).abs().max() <= scale.max() / 2 + 1e-6
-    ref = x.float() @ deq.to(torch.bfloat16).float().T  # each scaled weight rounds to bf16
-    y = cpu.linear(x, q, out_fp32=True, w_scale=scale)
-    assert (y - ref).abs().max().item() < 1e-4 * k ** 0.5
-    with pytest.raises(ValueError):
-        cpu.linear(x.float(), q, out_fp32=True, w_scale=scale)  # int8 needs bf16 activations
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    x[0, :32] = 0  # an all-zero group quantizes to zeros, not NaN
+    w = torch.randn(n, k, generator=gen) * 0.05
+    packed, scales = cpu.pack_q8(w)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    y = cpu.linear(x, packed, bias=bias, out_fp32=True, w_scale=scales)
+    exact = cpu.quantize_act_q8(x).double() @ cpu.unpack_q8(packed, scales).double().T \
+        + bias.double()
+    assert (y - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+    full = x.double() @ w.double().T + bias.double()
+    assert (y - full).abs().max().item() < 0.03 * full.abs().max().item()
+    assert cpu.linear(x, packed, bias=bias, w_scale=scales).dtype == dtype
+    with pytest.raises(ValueError, match="pack_q8"):
+        cpu.linear(x, packed.reshape(n, k), out_fp32=True, w_scale=scales)
 
 
 def test_int8_step_weights(tiny):
-    """quantization='int8': steps of few tokens read int8 weights (groups of 32), close to
-    bf16's numbers; larger steps read the bf16 weights; bad combinations are refused."""
+    """quantization='int8': every fused step reads int8 weights (groups of 32) with int8
+    activations, close to the model's own numbers, in float32 and bfloat16; eager is refused."""
     from engine import LLM, SamplingParams
     from test_models_hf import PROMPTS
     kind, path, _ = tiny
-    b16 = LLM(model=str(path), dtype="bfloat16", device="cpu", num_kv_blocks=64)
-    i8 = LLM(model=str(path), quantization="int8", device="cpu", num_kv_blocks=64)
-    assert i8.engine.config.dtype == torch.bfloat16 and i8.engine.runner.fast.weights == "int8"
-    agree = total = 0
-    for ids in PROMPTS:
-        a = _fast_logits(b16.engine, ids)
-        b = _fast_logits(i8.engine, ids)
-        if len(ids) <= cpu.INT8_MAX_TOKENS:  # few rows: the int8 codes are read
+    for dtype in ("bfloat16", "float32"):
+        ref = LLM(model=str(path), dtype=dtype, device="cpu", num_kv_blocks=64)
+        i8 = LLM(model=str(path), dtype=dtype, quantization="int8", device="cpu",
+                 num_kv_blocks=64)
+        assert i8.engine.runner.fast.weights == "int8"
+        assert i8.engine.config.dtype == ref.engine.config.dtype
+        agree = total = 0
+        for ids in PROMPTS:
+            a = _fast_logits(ref.engine, ids)
+            b = _fast_logits(i8.engine, ids)
             assert (a - b).abs().max() > 0, "int8 weights must change the numbers a little"
-        else:  # many rows: the bf16 weights, bit for bit
-            assert torch.equal(a, b)
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += len(ids)
-    assert agree / total > 0.85, kind
-    # the vocab projection of few rows reads the int8 head: close to the bf16 head's logits
-    hidden = torch.randn(3, i8.engine.config.model.hidden_size).to(torch.bfloat16)
-    ref = hidden.float() @ i8.engine.runner.model.lm_head.weight.float().T
-    got = i8.engine.runner.logits(hidden)
-    assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05 * ref.abs().max()
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    outs = i8.generate(PROMPTS, params, use_tqdm=False)
-    ref_outs = b16.generate(PROMPTS, params, use_tqdm=False)
-    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outs, ref_outs))
-    assert same >= len(PROMPTS) // 2, f"{kind}: {same}/{len(PROMPTS)} greedy runs as bf16's"
-    for bad in (dict(dtype="float32"), dict(enforce_eager=True)):
-        with pytest.raises(ValueError, match="int8"):
-            LLM(model=str(path), quantization="int8", device="cpu", num_kv_blocks=64, **bad)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += len(ids)
+        assert agree / total > 0.85, (kind, dtype)
+        # the vocab projection reads the int8 head: close to the model's head's logits
+        hidden = torch.randn(3, i8.engine.config.model.hidden_size).to(i8.engine.config.dtype)
+        want = hidden.float() @ i8.engine.runner.model.lm_head.weight.float().T
+        got = i8.engine.runner.logits(hidden)
+        assert got.dtype == torch.float32 and (got - want).abs().max() < 0.05 * want.abs().max()
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        outs = i8.generate(PROMPTS, params, use_tqdm=False)
+        ref_outs = ref.generate(PROMPTS, params, use_tqdm=False)
+        same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids
+                   for a, b in zip(outs, ref_outs))
+        assert same >= len(PROMPTS) // 2, f"{kind} {dtype}: {same}/{len(PROMPTS)} greedy as ref"
+    with pytest.raises(ValueError, match="int8"):
+        LLM(model=str(path), quantization="int8", device="cpu", num_kv_blocks=64,
+            enforce_eager=True)
+
+
+def test_quantization_auto_picks_int8_unless_float32_is_asked_for(tiny):
+    """`kvserve serve`'s default, quantization='auto': int8 step weights where VNNI runs them,
+    with dtype auto or bfloat16; an explicit float32 keeps its exact weights."""
+    from engine import LLM
+    _, path, _ = tiny
+    want = "int8" if cpu.has_vnni() else None
+    for dtype, expect in (("auto", want), ("bfloat16", want), ("float32", None)):
+        llm = LLM(model=str(path), dtype=dtype, quantization="auto", device="cpu",
+                  num_kv_blocks=64)
+        assert llm.engine.config.quantization == expect, dtype
+        assert (llm.engine.runner.fast.weights == "int8") == (expect == "int8")

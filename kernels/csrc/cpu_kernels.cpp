@@ -197,6 +197,53 @@ static void parallel_for(Pool& p, int64_t n, F&& body) {
 
 // y[m, n] (=|+=) sum_k x[m, k] * w[n, k] (+ bias[n]) for rows n in [n0, n1).
 // x is T [M, K] contiguous, w is T [N, K] (nn.Linear's layout), y is fp32 [M, ldy] or T.
+#if defined(__AVX512F__)
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (relative error ~2e-7, fp32's rounding), times 2^n. Lanes below -87 give 0 (e^-87 ~ 1e-38).
+static inline __m512 exp16(__m512 x) {
+    const __m512 big = _mm512_set1_ps(88.f);
+    x = _mm512_min_ps(x, big);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 = hi + lo
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
+}
+
+template <typename T> static inline __m512 load16(const T* p, __mmask16 m);
+template <> inline __m512 load16<float>(const float* p, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, p);
+}
+template <> inline __m512 load16<bf16>(const bf16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// Stores 16 (or mask) fp32 values as T.
+template <typename T> static inline void store16(T* p, __m512 v, __mmask16 m);
+template <> inline void store16<float>(float* p, __m512 v, __mmask16 m) {
+    _mm512_mask_storeu_ps(p, m, v);
+}
+template <> inline void store16<bf16>(bf16* p, __m512 v, __mmask16 m) {
+#if defined(__AVX512BF16__)
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    alignas(64) float f[16];
+    _mm512_store_ps(f, v);
+    for (int i = 0; i < 16; ++i)
+        if (m >> i & 1) p[i] = f2bf(f[i]);
+#endif
+}
+#endif
+
 enum OutMode { OUT_F32 = 0, OUT_ADD_F32 = 1, OUT_T = 2 };
 
 static const int MT = 8;      // x rows per micro-kernel call
@@ -284,134 +331,272 @@ template <int NR, int MC> struct Micro<bf16, NR, MC> {
 };
 #endif
 
-// int8 weights with one fp32 scale per group of 32 along K (w[n, k] = q[n, k] * s[n, k/32],
-// llama.cpp's Q8_0 layout with fp32 scales) and bf16 activations: each group of codes is
-// widened, scaled and rounded to bf16, then goes through vdpbf16ps. K % 32 == 0 (checked
-// by the caller).
-template <int NR, int MC> struct Micro8 {
-    static inline void run(const bf16* x, int64_t K, const int8_t* w, const float* ws,
-                           float out[NRMAX][MT]) {
-        const int64_t G = K / 32;
-#if defined(__AVX512BF16__)
-        __m512 acc[NR][MC];
-        for (int r = 0; r < NR; ++r)
-            for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-            __m512bh wv[NR];
-            for (int r = 0; r < NR; ++r) {
-                if (NR > 1) _mm_prefetch((const char*)(w + (r + PF_ROWS * NR) * K + k), _MM_HINT_T0);
-                const __m256i q = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
-                const __m512 sc = _mm512_set1_ps(ws[r * G + k / 32]);
-                const __m512 lo = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
-                const __m512 hi = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
-                wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
-            }
-            for (int m = 0; m < MC; ++m) {
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-                for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
-            }
-        }
-        for (int r = 0; r < NR; ++r)
-            for (int m = 0; m < MC; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
-#else
-        for (int r = 0; r < NR; ++r)
-            for (int m = 0; m < MC; ++m) {
-                float s = 0.f;
-                for (int64_t k = 0; k < K; ++k)
-                    s += bf2f(x[m * K + k]) * bf2f(f2bf(w[r * K + k] * ws[r * G + k / 32]));
-                out[r][m] = s;
-            }
-#endif
-    }
-};
-
-template <typename T, typename W, int NR, int MC>
-static inline void micro_run(const T* x, int64_t K, const W* w, const float* ws,
-                             float out[NRMAX][MT]) {
-    if constexpr (std::is_same<W, int8_t>::value) Micro8<NR, MC>::run(x, K, w, ws, out);
-    else Micro<T, NR, MC>::run(x, K, w, out);
+template <typename T, int NR, int MC>
+static inline void micro_run(const T* x, int64_t K, const T* w, float out[NRMAX][MT]) {
+    Micro<T, NR, MC>::run(x, K, w, out);
 }
 
-template <typename T, typename W, int NR>
-static inline void micro_dispatch(const T* x, int64_t K, const W* w, const float* ws, int mc,
+template <typename T, int NR>
+static inline void micro_dispatch(const T* x, int64_t K, const T* w, int mc,
                                   float out[NRMAX][MT]) {
     switch (mc) {
-        case 1: micro_run<T, W, NR, 1>(x, K, w, ws, out); break;
-        case 2: micro_run<T, W, NR, 2>(x, K, w, ws, out); break;
-        case 3: micro_run<T, W, NR, 3>(x, K, w, ws, out); break;
-        case 4: micro_run<T, W, NR, 4>(x, K, w, ws, out); break;
-        case 5: micro_run<T, W, NR, 5>(x, K, w, ws, out); break;
-        case 6: micro_run<T, W, NR, 6>(x, K, w, ws, out); break;
-        case 7: micro_run<T, W, NR, 7>(x, K, w, ws, out); break;
-        default: micro_run<T, W, NR, 8>(x, K, w, ws, out); break;
+        case 1: micro_run<T, NR, 1>(x, K, w, out); break;
+        case 2: micro_run<T, NR, 2>(x, K, w, out); break;
+        case 3: micro_run<T, NR, 3>(x, K, w, out); break;
+        case 4: micro_run<T, NR, 4>(x, K, w, out); break;
+        case 5: micro_run<T, NR, 5>(x, K, w, out); break;
+        case 6: micro_run<T, NR, 6>(x, K, w, out); break;
+        case 7: micro_run<T, NR, 7>(x, K, w, out); break;
+        default: micro_run<T, NR, 8>(x, K, w, out); break;
     }
 }
 
-template <typename T, typename W, int NR>
-static inline void gemm_tile(const T* x, const W* w, const float* ws, int64_t M, int64_t K,
-                             int64_t n, int64_t n0, float* out, int64_t ldo) {
+template <typename T, int NR>
+static inline void gemm_tile(const T* x, const T* w, int64_t M, int64_t K, int64_t n, int64_t n0,
+                             float* out, int64_t ldo) {
     float acc[NRMAX][MT];
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
         const int mc = (int)std::min<int64_t>(MT, M - m0);
-        micro_dispatch<T, W, NR>(x + m0 * K, K, w + n * K, ws ? ws + n * (K / 32) : nullptr,
-                                 mc, acc);
+        micro_dispatch<T, NR>(x + m0 * K, K, w + n * K, mc, acc);
         for (int r = 0; r < NR; ++r)
             for (int m = 0; m < mc; ++m) out[(m0 + m) * ldo + (n - n0) + r] = acc[r][m];
     }
 }
 
-template <typename T, typename W>
-static void gemm_rows(const T* x, const W* w, const float* ws, int64_t M, int64_t K, int64_t n0,
-                      int64_t n1, float* out, int64_t ldo) {
-    int64_t n = n0;
-    if (M >= 4)
-        for (; n + 3 <= n1; n += 3) gemm_tile<T, W, 3>(x, w, ws, M, K, n, n0, out, ldo);
-    for (; n < n1; ++n) gemm_tile<T, W, 1>(x, w, ws, M, K, n, n0, out, ldo);
-}
+// ------------------------------------------------------------------------------ W8A8
+//
+// int8 weights x int8 activations, each with one fp32 scale per group of 32 along K (llama.cpp's
+// Q8_0 x Q8_0, with fp32 scales), multiplied with AVX-512 VNNI's vpdpbusd (u8 x s8 -> s32, 64
+// products per instruction: twice vdpbf16ps's work per instruction, from half its bytes).
+//
+// Weight layout ("q8 tiles", written by kernels/cpu.py's pack_q8): rows in tiles of 16; a tile
+// stores, per group g of 32 and step s < 8, one 64-byte vector whose 32-bit lane l holds codes
+// k = g * 32 + s * 4 .. + 3 of row 16 * tile + l, as code + 128 (vpdpbusd's unsigned side):
+// [N / 16, K / 32, 8, 16, 4] u8; scales [N / 16, K / 32, 16] fp32. Each lane accumulates one
+// output row, so results need no horizontal sums. Activations are quantized per row at each
+// layer: s8 codes [M, K], a scale per group, and -128 * sum(codes) of the group, which starts
+// the group's accumulator and cancels the +128.
 
-// A weight matrix [N, K]: elements of the model's type, or int8 codes with a scale per row.
-struct WRef {
-    const void* w;
-    const float* scale;  // non-null: int8 codes, scales [N, K / 32]
+static const int QT = 16;  // weight rows per tile (lanes)
+
+struct XQ {  // M rows of activations quantized for one GEMM
+    std::vector<int8_t> q;
+    std::vector<float> s;
+    std::vector<int32_t> corr;
+    int64_t K = 0;
 };
 
-// out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M.
+// Rows [m0, m1) of x into xq (sized by the caller).
 template <typename T>
-static void gemm_block(const T* x, WRef w, int64_t M, int64_t K, int64_t n0, int64_t n1,
-                       float* out, int64_t ldo) {
-    if (w.scale == nullptr) {
-        gemm_rows<T, T>(x, (const T*)w.w, nullptr, M, K, n0, n1, out, ldo);
-        return;
+static void quantize_rows_q8(const T* x, int64_t m0, int64_t m1, int64_t K, XQ& xq) {
+    const int64_t G = K / 32;
+    for (int64_t m = m0; m < m1; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t at = m * K + g * 32;
+#if defined(__AVX512F__)
+            __m512 v0, v1;
+            if constexpr (std::is_same<T, float>::value) {
+                v0 = _mm512_loadu_ps(x + at);
+                v1 = _mm512_loadu_ps(x + at + 16);
+            } else {
+                v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + at))), 16));
+                v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + at + 16))), 16));
+            }
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0),
+                                                                  _mm512_abs_ps(v1)));
+            const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));  // round half even
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+            _mm_storeu_si128((__m128i*)(xq.q.data() + at), _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i*)(xq.q.data() + at + 16), _mm512_cvtepi32_epi8(q1));
+            const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+            float amax = 0.f;
+            for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(ld<T>(x, at + i)));
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            int32_t sum = 0;
+            for (int i = 0; i < 32; ++i) {
+                const int32_t q = (int32_t)std::nearbyint(ld<T>(x, at + i) * inv);
+                xq.q[at + i] = (int8_t)q;
+                sum += q;
+            }
+#endif
+            xq.s[m * G + g] = amax / 127.f;
+            xq.corr[m * G + g] = -128 * sum;
+        }
+}
+
+// out[m][t * 16 + l] = dot(w row 16 t + l, x row m) for t < NT tiles, m < MC rows.
+template <int NT, int MC> struct MicroQ8 {
+    static inline void run(const int8_t* xq, const float* xs, const int32_t* xc, int64_t K,
+                           const uint8_t* w, const float* ws, float* out, int64_t ldo) {
+        const int64_t G = K / 32, tile = K * QT;  // bytes per tile of codes
+#if defined(__AVX512VNNI__)
+        __m512 facc[NT][MC];
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m) facc[t][m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+            __m512i acc[NT][MC];
+            for (int m = 0; m < MC; ++m) {
+                const __m512i c = _mm512_set1_epi32(xc[m * G + g]);
+                for (int t = 0; t < NT; ++t) acc[t][m] = c;
+            }
+            const uint8_t* wg = w + g * 32 * QT;
+            #pragma GCC unroll 8
+            for (int s = 0; s < 8; ++s) {
+                __m512i wv[NT];
+                for (int t = 0; t < NT; ++t) {
+                    _mm_prefetch((const char*)(wg + t * tile + s * 64 + 8 * 32 * QT), _MM_HINT_T0);
+                    wv[t] = _mm512_loadu_si512(wg + t * tile + s * 64);
+                }
+                for (int m = 0; m < MC; ++m) {
+                    int32_t x4;
+                    std::memcpy(&x4, xq + m * K + g * 32 + s * 4, 4);
+                    const __m512i xb = _mm512_set1_epi32(x4);
+                    for (int t = 0; t < NT; ++t) acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], wv[t], xb);
+                }
+            }
+            __m512 wsv[NT];
+            for (int t = 0; t < NT; ++t) wsv[t] = _mm512_loadu_ps(ws + t * G * QT + g * QT);
+            for (int m = 0; m < MC; ++m) {
+                const __m512 xsb = _mm512_set1_ps(xs[m * G + g]);
+                for (int t = 0; t < NT; ++t)
+                    facc[t][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][m]),
+                                                 _mm512_mul_ps(wsv[t], xsb), facc[t][m]);
+            }
+        }
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, facc[t][m]);
+#else
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m)
+                for (int l = 0; l < QT; ++l) {
+                    float tot = 0.f;
+                    for (int64_t g = 0; g < G; ++g) {
+                        int32_t acc = xc[m * G + g];
+                        for (int s = 0; s < 8; ++s)
+                            for (int j = 0; j < 4; ++j)
+                                acc += (int32_t)w[t * tile + (g * 8 + s) * 64 + l * 4 + j]
+                                     * (int32_t)xq[m * K + g * 32 + s * 4 + j];
+                        tot += (float)acc * (ws[t * G * QT + g * QT + l] * xs[m * G + g]);
+                    }
+                    out[m * ldo + t * QT + l] = tot;
+                }
+#endif
     }
-    if constexpr (std::is_same<T, bf16>::value) {
-        gemm_rows<T, int8_t>(x, (const int8_t*)w.w, w.scale, M, K, n0, n1, out, ldo);
+};
+
+static const int MQ = 4;  // x rows per W8A8 micro-kernel call
+
+// Tiles [n, n + NT * 16) of w against every x row; n % 16 == 0.
+template <int NT>
+static inline void gemm_tile_q8(const XQ& x, const uint8_t* w, const float* ws, int64_t M,
+                                int64_t n, int64_t n0, float* out, int64_t ldo) {
+    const int64_t K = x.K, G = K / 32;
+    const uint8_t* wt = w + n * K;
+    const float* wst = ws + n * G;
+    for (int64_t m0 = 0; m0 < M; m0 += MQ) {
+        const int mc = (int)std::min<int64_t>(MQ, M - m0);
+        const int8_t* xq = x.q.data() + m0 * K;
+        const float* xs = x.s.data() + m0 * G;
+        const int32_t* xc = x.corr.data() + m0 * G;
+        float* o = out + m0 * ldo + (n - n0);
+        switch (mc) {
+            case 1: MicroQ8<NT, 1>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
+            case 2: MicroQ8<NT, 2>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
+            case 3: MicroQ8<NT, 3>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
+            default: MicroQ8<NT, 4>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
+        }
     }
 }
 
-static const int64_t ROWS = 24;  // weight rows per chunk of work
+// A weight matrix [N, K]: elements of the model's type, or (scale non-null) u8 codes in the
+// q8 tile layout above with their scales [N / 16, K / 32, 16].
+struct WRef {
+    const void* w;
+    const float* scale;
+};
+
+// out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M; xq holds x
+// quantized where w is int8.
+template <typename T>
+static void gemm_block(const T* x, const XQ* xq, WRef w, int64_t M, int64_t K, int64_t n0,
+                       int64_t n1, float* out, int64_t ldo) {
+    int64_t n = n0;
+    if (w.scale != nullptr) {  // n0, n1 multiples of 16
+        const uint8_t* wq = (const uint8_t*)w.w;
+        for (; n + 2 * QT <= n1; n += 2 * QT) gemm_tile_q8<2>(*xq, wq, w.scale, M, n, n0, out, ldo);
+        for (; n < n1; n += QT) gemm_tile_q8<1>(*xq, wq, w.scale, M, n, n0, out, ldo);
+        return;
+    }
+    const T* wt = (const T*)w.w;
+    if (M >= 4)
+        for (; n + 3 <= n1; n += 3) gemm_tile<T, 3>(x, wt, M, K, n, n0, out, ldo);
+    for (; n < n1; ++n) gemm_tile<T, 1>(x, wt, M, K, n, n0, out, ldo);
+}
+
+static const int64_t ROWS = 24;     // weight rows per chunk of work
+static const int64_t ROWS_Q8 = 32;  // ... for int8 weights (two tiles)
+
+// x quantized for an int8 weight (once per GEMM; rows split across the pool when there are
+// many); nullptr otherwise.
+template <typename T>
+static const XQ* prepare_x(Pool& p, const T* x, WRef w, int64_t M, int64_t K) {
+    if (w.scale == nullptr) return nullptr;
+    static thread_local XQ buf;
+    XQ& xq = buf;  // the caller's: a lambda naming the thread_local would get each worker's own
+    xq.K = K;
+    xq.q.resize(M * K);
+    xq.s.resize(M * K / 32);
+    xq.corr.resize(M * K / 32);
+    const int64_t rows = std::max<int64_t>(1, 4096 / K);  // rows per chunk
+    if (M <= rows) quantize_rows_q8<T>(x, 0, M, K, xq);
+    else parallel_for(p, (M + rows - 1) / rows, [&](int64_t c) {
+        quantize_rows_q8<T>(x, c * rows, std::min(M, (c + 1) * rows), K, xq);
+    });
+    return &xq;
+}
 
 // y[m, n] (=|+=) x[m] . w[n] (+ bias[n]): x T [M, K], w [N, K] (nn.Linear's layout),
 // y fp32 or T with row stride ldy.
 template <typename T>
 static void linear(Pool& p, const T* x, WRef w, const T* bias, void* y, int64_t M,
                    int64_t N, int64_t K, int64_t ldy, int mode) {
-    parallel_for(p, (N + ROWS - 1) / ROWS, [&](int64_t c) {
-        const int64_t n0 = c * ROWS, n1 = std::min(N, n0 + ROWS);
+    const XQ* xq = prepare_x<T>(p, x, w, M, K);
+    const int64_t R = xq ? ROWS_Q8 : ROWS;
+    parallel_for(p, (N + R - 1) / R, [&](int64_t c) {
+        const int64_t n0 = c * R, n1 = std::min(N, n0 + R);
         std::vector<float> tmp;
-        float local[MT * ROWS];
+        float local[MT * ROWS_Q8];
         float* out = local;
-        if (M > MT) { tmp.resize(M * ROWS); out = tmp.data(); }
-        gemm_block<T>(x, w, M, K, n0, n1, out, ROWS);
-        for (int64_t m = 0; m < M; ++m)
+        if (M > MT) { tmp.resize(M * R); out = tmp.data(); }
+        gemm_block<T>(x, xq, w, M, K, n0, n1, out, R);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* o = out + m * R;
+#if defined(__AVX512F__)
+            for (int64_t n = n0; n < n1; n += 16) {
+                const __mmask16 mk = (__mmask16)(n1 - n >= 16 ? 0xffff : (1u << (n1 - n)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(mk, o + (n - n0));
+                if (bias) v = _mm512_add_ps(v, load16<T>(bias + n, mk));
+                const int64_t at = m * ldy + n;
+                if (mode == OUT_F32) _mm512_mask_storeu_ps((float*)y + at, mk, v);
+                else if (mode == OUT_ADD_F32)
+                    _mm512_mask_storeu_ps((float*)y + at, mk,
+                                          _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, (float*)y + at)));
+                else store16<T>((T*)y + at, v, mk);
+            }
+#else
             for (int64_t n = n0; n < n1; ++n) {
-                const float v = out[m * ROWS + (n - n0)] + (bias ? ld<T>(bias, n) : 0.f);
+                const float v = o[n - n0] + (bias ? ld<T>(bias, n) : 0.f);
                 const int64_t at = m * ldy + n;
                 if (mode == OUT_F32) ((float*)y)[at] = v;
                 else if (mode == OUT_ADD_F32) ((float*)y)[at] += v;
                 else ((T*)y)[at] = st<T>(v);
             }
+#endif
+        }
     });
 }
 
@@ -419,16 +604,30 @@ static void linear(Pool& p, const T* x, WRef w, const T* bias, void* y, int64_t 
 template <typename T>
 static void gate_up_silu(Pool& p, const T* x, WRef w, T* act, int64_t M, int64_t I,
                          int64_t K) {
-    parallel_for(p, (I + ROWS - 1) / ROWS, [&](int64_t c) {
-        const int64_t n0 = c * ROWS, n1 = std::min(I, n0 + ROWS);
-        std::vector<float> g(M * ROWS), u(M * ROWS);
-        gemm_block<T>(x, w, M, K, n0, n1, g.data(), ROWS);
-        gemm_block<T>(x, w, M, K, I + n0, I + n1, u.data(), ROWS);
-        for (int64_t m = 0; m < M; ++m)
+    const XQ* xq = prepare_x<T>(p, x, w, M, K);
+    const int64_t R = xq ? ROWS_Q8 : ROWS;
+    parallel_for(p, (I + R - 1) / R, [&](int64_t c) {
+        const int64_t n0 = c * R, n1 = std::min(I, n0 + R);
+        std::vector<float> g(M * R), u(M * R);
+        gemm_block<T>(x, xq, w, M, K, n0, n1, g.data(), R);
+        gemm_block<T>(x, xq, w, M, K, I + n0, I + n1, u.data(), R);
+        for (int64_t m = 0; m < M; ++m) {
+#if defined(__AVX512F__)
+            for (int64_t n = n0; n < n1; n += 16) {
+                const __mmask16 mk = (__mmask16)(n1 - n >= 16 ? 0xffff : (1u << (n1 - n)) - 1);
+                const __m512 a = _mm512_maskz_loadu_ps(mk, g.data() + m * R + n - n0);
+                const __m512 b = _mm512_maskz_loadu_ps(mk, u.data() + m * R + n - n0);
+                const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(
+                    _mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+                store16<T>(act + m * I + n, _mm512_mul_ps(_mm512_mul_ps(a, sig), b), mk);
+            }
+#else
             for (int64_t n = n0; n < n1; ++n) {
-                const float a = g[m * ROWS + n - n0], b = u[m * ROWS + n - n0];
+                const float a = g[m * R + n - n0], b = u[m * R + n - n0];
                 act[m * I + n] = st<T>(a / (1.f + std::exp(-a)) * b);
             }
+#endif
+        }
     });
 }
 
@@ -458,6 +657,8 @@ static const int MAXG = 16;        // query heads per KV head handled together
 // max, the sum of exp and the weighted V sum over its keys; a second pass merges chunks.
 struct Item { int32_t tok, seq, chunk; int32_t lo, hi; };
 
+static const int KB = 16;  // keys scored together (one vector of exps)
+
 template <typename T>
 static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part) {
     // part: G x (2 + D) floats: m, l, acc[D]
@@ -475,6 +676,61 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
         m[g] = -INFINITY; l[g] = 0.f;
         std::memset(part + g * (2 + D) + 2, 0, sizeof(float) * D);
     }
+#if defined(__AVX512F__)
+    // Blocks of KB keys: scores, one max and rescale per block, a vector of exps, then V.
+    const int64_t nv = (D + 15) / 16;
+    const __mmask16 tail = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffff);
+    alignas(64) float sc[MAXG][KB];
+    int64_t rows[KB];  // element offsets of the block's K/V rows
+    for (int64_t j0 = it.lo; j0 < it.hi; j0 += KB) {
+        const int nk = (int)std::min<int64_t>(KB, it.hi - j0);
+        for (int jj = 0; jj < nk; ++jj) {
+            const int64_t j = j0 + jj;
+            const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
+            rows[jj] = (slot * a.hkv + h) * D;
+            const T* kr = kc + rows[jj];
+            __m512 kv[16];
+            for (int64_t v = 0; v < nv; ++v) kv[v] = load16<T>(kr + v * 16, v + 1 < nv ? 0xffff : tail);
+            for (int64_t g = 0; g < G; ++g) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t v = 0; v < nv; ++v)
+                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(v + 1 < nv ? 0xffff : tail,
+                                                                qv[g] + v * 16), kv[v], acc);
+                sc[g][jj] = _mm512_reduce_add_ps(acc);
+            }
+        }
+        const __mmask16 live = (__mmask16)(nk == 16 ? 0xffff : (1u << nk) - 1);
+        alignas(64) float pr[MAXG][KB];
+        for (int64_t g = 0; g < G; ++g) {
+            const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc[g]);
+            const float bm = std::max(m[g], _mm512_reduce_max_ps(s));
+            if (bm > m[g]) {
+                const float c = std::exp(m[g] - bm);  // 0 on the first block
+                l[g] *= c;
+                float* acc = part + g * (2 + D) + 2;
+                for (int64_t i = 0; i < D; ++i) acc[i] *= c;
+                m[g] = bm;
+            }
+            const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(bm))));
+            l[g] += _mm512_reduce_add_ps(e);
+            _mm512_store_ps(pr[g], e);
+        }
+        for (int jj = 0; jj < nk; ++jj) {
+            const T* vr = vc + rows[jj];
+            __m512 vv[16];
+            for (int64_t v = 0; v < nv; ++v) vv[v] = load16<T>(vr + v * 16, v + 1 < nv ? 0xffff : tail);
+            for (int64_t g = 0; g < G; ++g) {
+                float* acc = part + g * (2 + D) + 2;
+                const __m512 pj = _mm512_set1_ps(pr[g][jj]);
+                for (int64_t v = 0; v < nv; ++v) {
+                    const __mmask16 mk = v + 1 < nv ? 0xffff : tail;
+                    _mm512_mask_storeu_ps(acc + v * 16, mk, _mm512_fmadd_ps(
+                        pj, vv[v], _mm512_maskz_loadu_ps(mk, acc + v * 16)));
+                }
+            }
+        }
+    }
+#else
     float kf[256];
     for (int64_t j = it.lo; j < it.hi; ++j) {
         const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
@@ -484,7 +740,6 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
         for (int64_t g = 0; g < G; ++g) {
             float s = 0.f;
             const float* qg = qv[g];
-            #pragma omp simd reduction(+:s)
             for (int64_t i = 0; i < D; ++i) s += qg[i] * kf[i];
             float* acc = part + g * (2 + D) + 2;
             if (s > m[g]) {
@@ -498,6 +753,7 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
             for (int64_t i = 0; i < D; ++i) acc[i] += p * ld<T>(vr, i);
         }
     }
+#endif
     for (int64_t g = 0; g < G; ++g) { part[g * (2 + D)] = m[g]; part[g * (2 + D) + 1] = l[g]; }
 }
 
@@ -567,7 +823,7 @@ static int attention(Pool& p, const AttnArgs& a) {
 // ------------------------------------------------------------------------------ forward
 
 // Pointers of one decoder layer, in this order (0 where absent).
-// P_S*: per-row fp32 scales where that weight is int8 codes, else 0.
+// P_S*: lane scales where that weight is int8 codes in the q8 lane layout, else 0.
 enum LayerPtr { P_LN1, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_LN2, P_WGU, P_WDOWN,
                 P_KCACHE, P_VCACHE, P_SQKV, P_SO, P_SGU, P_SDOWN, P_COUNT };
 // Model dims, in this order.
@@ -689,21 +945,28 @@ int kvs_has_avx512_bf16() {
 #endif
 }
 
-// dtype: 0 = float32, 1 = bfloat16
-// w_scale non-null: w is int8 codes with fp32 scales [N, K / 32] (bf16 x only).
+// dtype: 0 = float32, 1 = bfloat16 (x, bias, y when not out_fp32)
+// w_scale non-null: w is u8 codes in the q8 tile layout with scales [N / 16, K / 32, 16]
+// (N % 16 == 0, K % 32 == 0); otherwise w has x's dtype.
 int kvs_linear(int dtype, const void* x, const void* w, const float* w_scale, const void* bias,
                void* y, int64_t M, int64_t N, int64_t K, int out_fp32, int nthreads) {
     std::lock_guard<std::mutex> lock(pool_mutex);
     Pool& p = pool(nthreads);
     const int mode = out_fp32 ? OUT_F32 : OUT_T;
-    if (dtype == 0) {
-        if (w_scale) return 1;
-        linear<float>(p, (const float*)x, {w, nullptr}, (const float*)bias, y, M, N, K, N, mode);
-    } else {
-        if (w_scale && K % 32) return 1;
+    if (w_scale && (K % 32 || N % QT)) return 1;
+    if (dtype == 0)
+        linear<float>(p, (const float*)x, {w, w_scale}, (const float*)bias, y, M, N, K, N, mode);
+    else
         linear<bf16>(p, (const bf16*)x, {w, w_scale}, (const bf16*)bias, y, M, N, K, N, mode);
-    }
     return 0;
+}
+
+int kvs_has_vnni() {
+#if defined(__AVX512VNNI__)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int kvs_paged_attention(int dtype, const void* q, int64_t q_stride, const void* k_cache,
