@@ -84,8 +84,8 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=64, help="tokens already in each cache")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--long", type=int, default=0, help="length of the long sequence (0: skip)")
-    ap.add_argument("--quantization", default=None, choices=[None, "int8"],
-                    help="int8: the fused step (and execute) reads int8 weights; eager keeps "
+    ap.add_argument("--quantization", default=None, choices=[None, "int8", "gguf"],
+                    help="int8 / gguf: the fused step (and execute) reads packed weights; eager keeps "
                          "the dtype's")
     args = ap.parse_args()
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "

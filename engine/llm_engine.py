@@ -123,13 +123,15 @@ class LLMEngine:
         # prefill chunks keep the model's own weights and torch's GEMMs.
         int8_ok = (dev.type == "cpu" and cpu_kernels.supports(dt) and not enforce_eager
                    and cpu_kernels.available() and cpu_kernels.int8_shapes_ok(model_cfg))
-        if auto_quant:  # `kvserve serve`'s default: int8 step weights where VNNI runs them,
-            # unless float32 was asked for (it stays equal to transformers)
-            quantization = "int8" if (int8_ok and cpu_kernels.has_vnni()
+        if auto_quant:  # `kvserve serve`'s default: packed step weights where VNNI runs them
+            # (a Q4 file's own 4-bit blocks, int8 elsewhere), unless float32 was asked for (it
+            # stays equal to transformers)
+            quantization = "gguf" if (int8_ok and cpu_kernels.has_vnni()
                                       and (dtype == "auto" or dt != torch.float32)) else None
             logger.info("quantization auto -> %s", quantization or "none")
-        elif quantization == "int8" and not int8_ok:
-            raise ValueError("quantization='int8' is the fused CPU step's weight format: it needs "
+        elif quantization in ("int8", "gguf") and not int8_ok:
+            raise ValueError(f"quantization={quantization!r} is the fused CPU step's weight "
+                             "format: it needs "
                              "device='cpu', dtype float32 or bfloat16, no enforce_eager, GEMM "
                              "dimensions divisible by 32 (fused QKV rows by 16) and kvserve's "
                              "CPU kernels"

@@ -37,17 +37,19 @@ class ModelRunner:
                                     device=self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.fast = None
-        weights = "int8" if config.quantization == "int8" else None
+        weights = config.quantization if config.quantization in cpu_kernels.WEIGHT_FORMATS \
+            else None
         if (not config.enforce_eager and self.device.type == "cpu"
                 and cpu_kernels.Forward.supported(model, weights) and cpu_kernels.available()):
             self.fast = cpu_kernels.Forward(model, self.kv_caches, config.block_size, weights)
         elif weights:
-            raise ValueError("quantization='int8' needs the fused CPU step, which this model "
-                             "cannot use (float32/bfloat16 weights, dimensions divisible by 32)")
+            raise ValueError(f"quantization={weights!r} needs the fused CPU step, which this "
+                             f"model cannot use (float32/bfloat16 weights, dimensions divisible "
+                             f"by 32)")
         self.fast_max = FAST_MAX_TOKENS_INT8 if weights else FAST_MAX_TOKENS
         logger.info("step: %s; attention: %s",
                     f"fused CPU forward for steps of <= {self.fast_max} tokens"
-                    + (" (int8 weights x int8 activations"
+                    + (f" ({'/'.join(sorted(self.fast.formats))} weights x int8 activations"
                        + ("" if cpu_kernels.has_vnni() else ", no VNNI: slow") + ")"
                        if weights else "")
                     + ", torch beyond"

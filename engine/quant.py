@@ -25,7 +25,7 @@ from engine.config import resolve_dtype
 
 logger = logging.getLogger("kvserve.engine")
 
-QUANTIZATIONS = ("int4", "int8")
+QUANTIZATIONS = ("int4", "int8", "gguf")
 GROUP_SIZE = 32
 _PACK_N = 16  # the kernel's packing wants out_features divisible by 16
 

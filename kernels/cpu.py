@@ -46,8 +46,8 @@ _I = ctypes.c_int64
 _SIGNATURES = {
     "kvs_has_avx512_bf16": ([], ctypes.c_int),
     "kvs_has_vnni": ([], ctypes.c_int),
-    "kvs_linear": ([ctypes.c_int, _P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
-                   ctypes.c_int),
+    "kvs_linear": ([ctypes.c_int, _P, _P, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int,
+                    ctypes.c_int], ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
                              _I, ctypes.c_float, _I, _P, ctypes.c_int], ctypes.c_int),
     "kvs_forward": ([ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, _P,
@@ -218,6 +218,61 @@ def unpack_q8(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes * scales.permute(0, 2, 1).reshape(nt * 16, g).repeat_interleave(32, dim=1)
 
 
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> codes uint8 [N, K] in 0..15, scales d and minimums m float16 [N, K / 32]:
+    w ~ d * q + m per group of 32 (llama.cpp's Q4_1 grid; the d and m of a Q4_1 file come back
+    exactly, since its groups span codes 0..15)."""
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // 32, 32)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    d = ((hi - lo) / 15).half()
+    m = lo.half()
+    step = torch.where(d == 0, torch.ones_like(d), d).float()
+    q = torch.round((wg - m.float()[..., None]) / step[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(n, k), d, m
+
+
+def int4_exact(w: torch.Tensor) -> bool:
+    """w already lies on a 4-bit grid per group of 32 (it came from a Q4_0 / Q4_1 / Q4_K file):
+    quantize_int4 gives it back to within the rounding of w's own dtype (bf16: 2^-9 of |w|,
+    under 0.03 steps), where other weights miss by up to half a step."""
+    n, k = w.shape
+    if n % 16 or k % 32:
+        return False
+    q, d, m = quantize_int4(w)
+    back = q.float().reshape(n, k // 32, 32) * d.float()[..., None] + m.float()[..., None]
+    err = (back - w.detach().float().reshape(n, k // 32, 32)).abs().amax(dim=2)
+    return bool((err <= 0.1 * d.float() + 1e-12).all())
+
+
+def pack_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> the kernel's int4 weight (N % 16 == 0, K % 32 == 0): quantize_int4's codes in
+    the "q4 tile" layout [N/16, K/32, 4, 16, 4] (byte j of lane l in vector s: element
+    s * 4 + j of the group in the low nibble, 16 + s * 4 + j in the high one, row 16 t + l) and
+    float16 [N/16, K/32, 2, 16] (d, then m, of each lane's row)."""
+    n, k = w.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"int4 weights need out_features % 16 == 0 and in_features % 32 == 0, "
+                         f"got {n} x {k}")
+    q, d, m = quantize_int4(w)
+    q = q.reshape(n // 16, 16, k // 32, 2, 4, 4)          # [t, l, g, half, s, j]
+    byte = q[:, :, :, 0] | (q[:, :, :, 1] << 4)            # [t, l, g, s, j]
+    codes = byte.permute(0, 2, 3, 1, 4).contiguous()       # [t, g, s, l, j]
+    params = torch.stack([d, m], dim=-1).reshape(n // 16, 16, k // 32, 2).permute(0, 2, 3, 1)
+    return codes, params.contiguous()
+
+
+def unpack_q4(codes: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """pack_q4's inverse, float32 [N, K] (the weights the kernel multiplies by)."""
+    nt, g = codes.shape[:2]
+    lo, hi = (codes & 15).float(), (codes >> 4).float()    # [t, g, s, l, j]
+    q = torch.stack([lo, hi], dim=2)                       # [t, g, half, s, l, j]
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(nt * 16, g, 32)
+    d = params[:, :, 0].permute(0, 2, 1).reshape(nt * 16, g, 1).float()
+    m = params[:, :, 1].permute(0, 2, 1).reshape(nt * 16, g, 1).float()
+    return (q * d + m).reshape(nt * 16, g * 32)
+
+
 def quantize_act_q8(x: torch.Tensor) -> torch.Tensor:
     """What the kernel multiplies an int8 weight by: x [M, K] rounded to int8 per group of 32
     (max |x| -> 127, round half to even), as float32."""
@@ -228,27 +283,51 @@ def quantize_act_q8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xg * inv) * (amax / 127)).reshape(m, k)
 
 
+def _w_bits(w: torch.Tensor, w_scale: torch.Tensor | None) -> int:
+    """The kernel's WFormat of a weight: 0 (x's dtype), 8 (pack_q8), 4 (pack_q4)."""
+    if w_scale is None:
+        return 0
+    return 4 if w_scale.dtype == torch.float16 else 8
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            out_fp32: bool = False, w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [M, K] fp32/bf16; w: [N, K] of x's dtype, or pack_q8's codes with w_scale (then x is
-    # quantized to int8 per group of 32 inside) -> [M, N] (fp32 if out_fp32)
+    # x: [M, K] fp32/bf16; w: [N, K] of x's dtype, or pack_q8's / pack_q4's codes with w_scale
+    # (then x is quantized to int8 per group of 32 inside) -> [M, N] (fp32 if out_fp32)
     lib = library()
     x, w = x.contiguous(), w.contiguous()
     m, k = x.shape
-    q8 = w.dtype == torch.uint8
-    n = w.shape[0] * 16 if q8 else w.shape[0]
-    if q8 != (w_scale is not None) or (not q8 and (w.dtype != x.dtype or w.shape[1] != k)) \
-            or (q8 and (tuple(w.shape) != (n // 16, k // 32, 8, 16, 4)
-                        or tuple(w_scale.shape) != (n // 16, k // 32, 16))):
+    bits = _w_bits(w, w_scale)
+    n = w.shape[0] * 16 if bits else w.shape[0]
+    steps = 8 if bits == 8 else 4
+    scale_shape = (n // 16, k // 32, 16) if bits == 8 else (n // 16, k // 32, 2, 16)
+    if (w.dtype == torch.uint8) != bool(bits) \
+            or (not bits and (w.dtype != x.dtype or w.shape[1] != k)) \
+            or (bits and (tuple(w.shape) != (n // 16, k // 32, steps, 16, 4)
+                          or tuple(w_scale.shape) != scale_shape)):
         raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}, "
-                         f"w_scale {None if w_scale is None else tuple(w_scale.shape)}: int8 "
-                         f"weights are pack_q8's, others [N, K] of x's dtype")
+                         f"w_scale {None if w_scale is None else tuple(w_scale.shape)}: int8 / "
+                         f"int4 weights are pack_q8's / pack_q4's, others [N, K] of x's dtype")
     y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
-    rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale),
+    rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale), bits,
                         _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), torch.get_num_threads())
     if rc != 0:
-        raise ValueError("int8 weights need in_features % 32 == 0")
+        raise ValueError("int8 / int4 weights need in_features % 32 == 0")
     return y
+
+
+WEIGHT_FORMATS = ("int8", "gguf")
+
+
+def pack_weight(w: torch.Tensor, weights: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear weight as the fused step reads it: as is (None), pack_q8 ("int8"), or for
+    "gguf" pack_q4 where w is already on a 4-bit grid (a Q4_0 / Q4_1 / Q4_K file's blocks,
+    exact) and pack_q8 elsewhere."""
+    if weights is None:
+        return w, None
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown fused-step weights {weights!r}")
+    return pack_q4(w) if weights == "gguf" and int4_exact(w) else pack_q8(w)
 
 
 class Forward:
@@ -270,14 +349,15 @@ class Forward:
         self.block_size = block_size
         self.weights = weights
         self._keep = []  # tensors whose pointers the kernel holds
+        self.formats: set[str] = set()  # the layer weights' formats, for the startup log
 
-        # int8: every fused step reads the int8 weights (pack_q8); the model's own weights stay
-        # for the torch path (longer prefill chunks).
+        # int8 / gguf: every fused step reads the packed weights (pack_weight); the model's
+        # own weights stay for the torch path (longer prefill chunks).
         self.layer_ptrs = self._layer_ptrs(model, kv_caches, weights)
         self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
         self.final_norm = model.norm.weight
         self.lm_head = model.lm_head.weight
-        self.lm_head_int8 = pack_q8(model.lm_head.weight) \
+        self.lm_head_packed = pack_weight(model.lm_head.weight, weights) \
             if weights and model.lm_head.weight.shape[0] % 16 == 0 else None
         self.cos = model.rope.cos.float().contiguous()
         self.sin = model.rope.sin.float().contiguous()
@@ -287,16 +367,11 @@ class Forward:
 
     def _layer_ptrs(self, model, kv_caches, weights: str | None) -> torch.Tensor:
         ptrs = []
-
-        def mat(linear_layer):  # (weight, scale) as the kernel reads them
-            if weights == "int8":
-                return pack_q8(linear_layer.weight)
-            return linear_layer.weight, None
-
         for layer, (kc, vc) in zip(model.layers, kv_caches):
             attn, mlp = layer.self_attn, layer.mlp
-            (wqkv, sqkv), (wo, so), (wgu, sgu), (wdown, sdown) = (
-                mat(attn.qkv_proj), mat(attn.o_proj), mat(mlp.gate_up_proj), mat(mlp.down_proj))
+            mats = [pack_weight(lin.weight, weights) for lin in
+                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            (wqkv, sqkv), (wo, so), (wgu, sgu), (wdown, sdown) = mats
             tensors = [layer.input_layernorm.weight, wqkv, attn.qkv_proj.bias,
                        attn.q_norm.weight if attn.qk_norm else None,
                        attn.k_norm.weight if attn.qk_norm else None,
@@ -305,15 +380,18 @@ class Forward:
             for t in tensors:
                 if t is not None:
                     assert t.is_contiguous(), t.shape
-                    assert t.dtype in (self.dtype, torch.uint8, torch.float32), t.dtype
+                    assert t.dtype in (self.dtype, torch.uint8, torch.float32, torch.float16), \
+                        t.dtype
                     self._keep.append(t)
-            ptrs += [_ptr(t) or 0 for t in tensors]
+            ptrs += [_ptr(t) or 0 for t in tensors] + [_w_bits(*mat) for mat in mats]
+            self.formats.update(f"int{_w_bits(*mat)}" if _w_bits(*mat) else str(self.dtype)
+                                for mat in mats)
         return torch.tensor(ptrs, dtype=torch.int64)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] model dtype -> float32 [N, vocab]
-        if self.lm_head_int8 is not None:
-            codes, scales = self.lm_head_int8
+        if self.lm_head_packed is not None:
+            codes, scales = self.lm_head_packed
             return linear(hidden, codes, out_fp32=True, w_scale=scales)
         return linear(hidden, self.lm_head, out_fp32=True)
 
@@ -321,7 +399,7 @@ class Forward:
     def supported(model, weights: str | None = None) -> bool:
         from torch import nn
         dtype = model.embed_tokens.weight.dtype
-        if weights == "int8" and not int8_shapes_ok(model.config):
+        if weights in WEIGHT_FORMATS and not int8_shapes_ok(model.config):
             return False
         if dtype not in DTYPE_CODES or model.embed_tokens.weight.device.type != "cpu":
             return False

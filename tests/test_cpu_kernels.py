@@ -260,14 +260,105 @@ def test_int8_step_weights(tiny):
             enforce_eager=True)
 
 
-def test_quantization_auto_picks_int8_unless_float32_is_asked_for(tiny):
-    """`kvserve serve`'s default, quantization='auto': int8 step weights where VNNI runs them,
-    with dtype auto or bfloat16; an explicit float32 keeps its exact weights."""
+def test_quantization_auto_picks_packed_weights_unless_float32_is_asked_for(tiny):
+    """`kvserve serve`'s default, quantization='auto': packed step weights ('gguf': int4 where
+    the weights are 4-bit already, int8 elsewhere) where VNNI runs them, with dtype auto or
+    bfloat16; an explicit float32 keeps its exact weights."""
     from engine import LLM
     _, path, _ = tiny
-    want = "int8" if cpu.has_vnni() else None
+    want = "gguf" if cpu.has_vnni() else None
     for dtype, expect in (("auto", want), ("bfloat16", want), ("float32", None)):
         llm = LLM(model=str(path), dtype=dtype, quantization="auto", device="cpu",
                   num_kv_blocks=64)
         assert llm.engine.config.quantization == expect, dtype
-        assert (llm.engine.runner.fast.weights == "int8") == (expect == "int8")
+        assert llm.engine.runner.fast.weights == expect
+
+
+def test_q4_layout_is_the_documented_one():
+    """pack_q4: codes of row 16 t + l, group g: element s * 4 + j in the low nibble and
+    16 + s * 4 + j in the high nibble of [t, g, s, l, j]; d and m (float16) at [t, g, 0|1, l]."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 96, generator=gen)
+    q, d, m = cpu.quantize_int4(w)
+    assert q.dtype == torch.uint8 and int(q.max()) == 15 and int(q.min()) == 0
+    assert d.dtype == m.dtype == torch.float16 and d.shape == (32, 3)
+    codes, params = cpu.pack_q4(w)
+    assert codes.shape == (2, 3, 4, 16, 4) and params.shape == (2, 3, 2, 16)
+    for n, k in [(0, 0), (17, 45), (31, 95), (5, 80), (9, 50)]:
+        t, lane, g, r = n // 16, n % 16, k // 32, k % 32
+        byte = int(codes[t, g, (r % 16) // 4, lane, r % 4])
+        assert (byte >> 4 if r >= 16 else byte & 15) == int(q[n, k])
+        assert float(params[t, g, 0, lane]) == float(d[n, g])
+        assert float(params[t, g, 1, lane]) == float(m[n, g])
+    deq = (q.float().reshape(32, 3, 32) * d.float()[..., None] + m.float()[..., None])
+    assert torch.equal(cpu.unpack_q4(codes, params), deq.reshape(32, 96))
+    assert (deq.reshape(32, 96) - w).abs().max() <= d.float().max() / 2 + 1e-3
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (5, 48, 576), (17, 960, 576), (70, 32, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_is_the_quantized_product(m, n, k, dtype):
+    """W4A8: exactly the int8-rounded activations times the 4-bit weights (d * q + m)."""
+    gen = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen) * 0.05 + 0.01
+    codes, params = cpu.pack_q4(w)
+    y = cpu.linear(x, codes, out_fp32=True, w_scale=params)
+    exact = cpu.quantize_act_q8(x).double() @ cpu.unpack_q4(codes, params).double().T
+    assert (y - exact).abs().max().item() < 1e-5 * exact.abs().max().item()
+    with pytest.raises(ValueError, match="pack_q4"):
+        cpu.linear(x, codes, out_fp32=True, w_scale=params.float())
+
+
+def test_int4_exact_finds_weights_already_on_a_4bit_grid():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=gen) * 0.05
+    assert not cpu.int4_exact(w)
+    snapped = cpu.unpack_q4(*cpu.pack_q4(w))
+    for t in (snapped, snapped.bfloat16()):
+        assert cpu.int4_exact(t)
+        codes, params = cpu.pack_q4(t)  # the same grid comes back
+        assert (cpu.unpack_q4(codes, params) - snapped).abs().max() <= 0.1 * params[:, :, 0].float().max()
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tmp_path_factory):
+    """A tiny llama whose linear weights lie on a 4-bit grid, as a Q4_1 file's do."""
+    from test_models_hf import make_model
+    path = tmp_path_factory.mktemp("q4-llama")
+    hf = make_model("llama", path)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(cpu.unpack_q4(*cpu.pack_q4(p)))
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def test_gguf_step_weights_run_4bit_grids_as_int4(tiny_q4):
+    """quantization='gguf' (the auto default with VNNI): weights on a 4-bit grid run as int4
+    (their exact codes), the rest (here the head) as int8; logits stay close to float32."""
+    from engine import LLM, SamplingParams
+    from test_models_hf import PROMPTS
+    path, _ = tiny_q4
+    ref = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    q4 = LLM(model=str(path), dtype="float32", quantization="gguf", device="cpu",
+             num_kv_blocks=64)
+    fast = q4.engine.runner.fast
+    assert fast.weights == "gguf" and fast.formats == {"int4"}
+    assert fast.lm_head_packed[1].dtype == torch.float32  # the random head: int8
+    i8 = LLM(model=str(path), dtype="float32", quantization="int8", device="cpu",
+             num_kv_blocks=64)
+    assert i8.engine.runner.fast.formats == {"int8"}
+    err4 = err8 = 0.0
+    for ids in PROMPTS:
+        a = _fast_logits(ref.engine, ids)
+        err4 = max(err4, (_fast_logits(q4.engine, ids) - a).abs().max().item())
+        err8 = max(err8, (_fast_logits(i8.engine, ids) - a).abs().max().item())
+    # exact weights: only the activations' rounding is left, less than int8 weights add
+    assert 0 < err4 < err8, (err4, err8)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = q4.generate(PROMPTS, params, use_tqdm=False)
+    ref_outs = ref.generate(PROMPTS, params, use_tqdm=False)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outs, ref_outs))
+    assert same >= len(PROMPTS) // 2

@@ -35,6 +35,22 @@ static inline float bf2f(bf16 v) {
     return f;
 }
 
+static inline float h2f(uint16_t h) {  // IEEE half -> float
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, mant = h & 1023;
+    uint32_t u;
+    if (e == 31) u = sign | 0x7f800000u | (mant << 13);
+    else if (e != 0) u = sign | ((e + 112) << 23) | (mant << 13);
+    else if (mant == 0) u = sign;
+    else {  // subnormal
+        float f = std::ldexp((float)mant, -24);
+        std::memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline bf16 f2bf(float f) {  // round to nearest even, as torch does
     uint32_t u;
     std::memcpy(&u, &f, 4);
@@ -381,8 +397,9 @@ static const int QT = 16;  // weight rows per tile (lanes)
 
 struct XQ {  // M rows of activations quantized for one GEMM
     std::vector<int8_t> q;
-    std::vector<float> s;
-    std::vector<int32_t> corr;
+    std::vector<float> s;        // scale per group
+    std::vector<int32_t> corr;   // -128 * sum of the group's codes (int8 weights)
+    std::vector<float> sum;      // scale * sum of the group's codes (int4 weights' minimum)
     int64_t K = 0;
 };
 
@@ -425,14 +442,20 @@ static void quantize_rows_q8(const T* x, int64_t m0, int64_t m1, int64_t K, XQ& 
 #endif
             xq.s[m * G + g] = amax / 127.f;
             xq.corr[m * G + g] = -128 * sum;
+            xq.sum[m * G + g] = amax / 127.f * (float)sum;
         }
 }
 
 // out[m][t * 16 + l] = dot(w row 16 t + l, x row m) for t < NT tiles, m < MC rows.
+// x rows [m0, m0 + MC); w, ws: the first tile's codes and scales.
 template <int NT, int MC> struct MicroQ8 {
-    static inline void run(const int8_t* xq, const float* xs, const int32_t* xc, int64_t K,
-                           const uint8_t* w, const float* ws, float* out, int64_t ldo) {
-        const int64_t G = K / 32, tile = K * QT;  // bytes per tile of codes
+    static inline void run(const XQ& x, int64_t m0, const uint8_t* w, const void* wsv,
+                           float* out, int64_t ldo) {
+        const int64_t K = x.K, G = K / 32, tile = K * QT;  // bytes per tile of codes
+        const int8_t* xq = x.q.data() + m0 * K;
+        const float* xs = x.s.data() + m0 * G;
+        const int32_t* xc = x.corr.data() + m0 * G;
+        const float* ws = (const float*)wsv;
 #if defined(__AVX512VNNI__)
         __m512 facc[NT][MC];
         for (int t = 0; t < NT; ++t)
@@ -488,35 +511,119 @@ template <int NT, int MC> struct MicroQ8 {
     }
 };
 
-static const int MQ = 4;  // x rows per W8A8 micro-kernel call
+static const int MQ = 4;  // x rows per packed-weight micro-kernel call
 
-// Tiles [n, n + NT * 16) of w against every x row; n % 16 == 0.
-template <int NT>
-static inline void gemm_tile_q8(const XQ& x, const uint8_t* w, const float* ws, int64_t M,
-                                int64_t n, int64_t n0, float* out, int64_t ldo) {
-    const int64_t K = x.K, G = K / 32;
-    const uint8_t* wt = w + n * K;
-    const float* wst = ws + n * G;
+// NT tiles of packed weights (codes w, scales ws of the first) against every x row; out
+// points at the first tile's column.
+template <template <int, int> class Mk, int NT>
+static inline void gemm_tile_packed(const XQ& x, const uint8_t* w, const void* ws, int64_t M,
+                                    float* out, int64_t ldo) {
     for (int64_t m0 = 0; m0 < M; m0 += MQ) {
-        const int mc = (int)std::min<int64_t>(MQ, M - m0);
-        const int8_t* xq = x.q.data() + m0 * K;
-        const float* xs = x.s.data() + m0 * G;
-        const int32_t* xc = x.corr.data() + m0 * G;
-        float* o = out + m0 * ldo + (n - n0);
-        switch (mc) {
-            case 1: MicroQ8<NT, 1>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
-            case 2: MicroQ8<NT, 2>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
-            case 3: MicroQ8<NT, 3>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
-            default: MicroQ8<NT, 4>::run(xq, xs, xc, K, wt, wst, o, ldo); break;
+        float* o = out + m0 * ldo;
+        switch ((int)std::min<int64_t>(MQ, M - m0)) {
+            case 1: Mk<NT, 1>::run(x, m0, w, ws, o, ldo); break;
+            case 2: Mk<NT, 2>::run(x, m0, w, ws, o, ldo); break;
+            case 3: Mk<NT, 3>::run(x, m0, w, ws, o, ldo); break;
+            default: Mk<NT, 4>::run(x, m0, w, ws, o, ldo); break;
         }
     }
 }
 
-// A weight matrix [N, K]: elements of the model's type, or (scale non-null) u8 codes in the
-// q8 tile layout above with their scales [N / 16, K / 32, 16].
+// ------------------------------------------------------------------------------ W4A8
+//
+// 4-bit weights with a scale d and a minimum m per group of 32 (w = d * q + m, q in 0..15:
+// llama.cpp's Q4_1; Q4_0 and Q4_K blocks are the same grid per 32) x int8 activations. Layout
+// ("q4 tiles", kernels/cpu.py's pack_q4): per tile of 16 rows and group, 4 vectors of 64 bytes;
+// byte j of lane l in vector s holds codes k = g * 32 + s * 4 + j (low nibble) and k + 16 (high
+// nibble) of row 16 t + l: [N / 16, K / 32, 4, 16, 4] u8. d and m are fp16 (as in the file):
+// [N / 16, K / 32, 2, 16]. Codes are unsigned, so vpdpbusd takes them as they are; the minimum
+// adds m * sum(x) of the group. Half the bytes of int8 again, for steps bound by weight reads.
+
+template <int NT, int MC> struct MicroQ4 {
+    static inline void run(const XQ& x, int64_t m0, const uint8_t* w, const void* wpv,
+                           float* out, int64_t ldo) {
+        const int64_t K = x.K, G = K / 32, tile = K * QT / 2;  // bytes per tile of codes
+        const int8_t* xq = x.q.data() + m0 * K;
+        const float* xs = x.s.data() + m0 * G;
+        const float* xsum = x.sum.data() + m0 * G;
+        const uint16_t* wp = (const uint16_t*)wpv;
+#if defined(__AVX512VNNI__)
+        const __m512i low = _mm512_set1_epi8(0x0f);
+        __m512 facc[NT][MC];
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m) facc[t][m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+            __m512i acc[NT][MC];
+            for (int t = 0; t < NT; ++t)
+                for (int m = 0; m < MC; ++m) acc[t][m] = _mm512_setzero_si512();
+            const uint8_t* wg = w + g * 16 * QT;
+            #pragma GCC unroll 4
+            for (int s = 0; s < 4; ++s) {
+                __m512i lo[NT], hi[NT];
+                for (int t = 0; t < NT; ++t) {
+                    _mm_prefetch((const char*)(wg + t * tile + s * 64 + 8 * 16 * QT), _MM_HINT_T0);
+                    const __m512i v = _mm512_loadu_si512(wg + t * tile + s * 64);
+                    lo[t] = _mm512_and_si512(v, low);
+                    hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                }
+                for (int m = 0; m < MC; ++m) {
+                    int32_t a4, b4;
+                    std::memcpy(&a4, xq + m * K + g * 32 + s * 4, 4);
+                    std::memcpy(&b4, xq + m * K + g * 32 + 16 + s * 4, 4);
+                    const __m512i xa = _mm512_set1_epi32(a4), xb = _mm512_set1_epi32(b4);
+                    for (int t = 0; t < NT; ++t) {
+                        acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], lo[t], xa);
+                        acc[t][m] = _mm512_dpbusd_epi32(acc[t][m], hi[t], xb);
+                    }
+                }
+            }
+            __m512 dv[NT], mv[NT];
+            for (int t = 0; t < NT; ++t) {
+                const uint16_t* pp = wp + (t * G + g) * 2 * QT;
+                dv[t] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)pp));
+                mv[t] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(pp + QT)));
+            }
+            for (int m = 0; m < MC; ++m) {
+                const __m512 xsb = _mm512_set1_ps(xs[m * G + g]);
+                const __m512 xmb = _mm512_set1_ps(xsum[m * G + g]);
+                for (int t = 0; t < NT; ++t)
+                    facc[t][m] = _mm512_fmadd_ps(mv[t], xmb, _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(acc[t][m]), _mm512_mul_ps(dv[t], xsb), facc[t][m]));
+            }
+        }
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, facc[t][m]);
+#else
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m)
+                for (int l = 0; l < QT; ++l) {
+                    float tot = 0.f;
+                    for (int64_t g = 0; g < G; ++g) {
+                        int32_t acc = 0;
+                        for (int s = 0; s < 4; ++s)
+                            for (int j = 0; j < 4; ++j) {
+                                const int b = w[t * tile + (g * 4 + s) * 64 + l * 4 + j];
+                                acc += (b & 15) * (int32_t)xq[m * K + g * 32 + s * 4 + j]
+                                     + (b >> 4) * (int32_t)xq[m * K + g * 32 + 16 + s * 4 + j];
+                            }
+                        const uint16_t* pp = wp + (t * G + g) * 2 * QT;
+                        tot += (float)acc * (h2f(pp[l]) * xs[m * G + g])
+                             + h2f(pp[QT + l]) * xsum[m * G + g];
+                    }
+                    out[m * ldo + t * QT + l] = tot;
+                }
+#endif
+    }
+};
+
+// A weight matrix [N, K]: elements of the model's type (bits 0), or u8 codes in the q8 tile
+// layout with fp32 scales [N / 16, K / 32, 16] (bits 8), or in the q4 tile layout with fp16
+// scales and minimums [N / 16, K / 32, 2, 16] (bits 4).
+enum WFormat { W_PLAIN = 0, W_Q4 = 4, W_Q8 = 8 };
 struct WRef {
     const void* w;
-    const float* scale;
+    const void* scale;
+    int64_t bits;
 };
 
 // out[m * ldo + (n - n0)] = dot(x row m, w row n) for n in [n0, n1), every m < M; xq holds x
@@ -525,10 +632,26 @@ template <typename T>
 static void gemm_block(const T* x, const XQ* xq, WRef w, int64_t M, int64_t K, int64_t n0,
                        int64_t n1, float* out, int64_t ldo) {
     int64_t n = n0;
-    if (w.scale != nullptr) {  // n0, n1 multiples of 16
-        const uint8_t* wq = (const uint8_t*)w.w;
-        for (; n + 2 * QT <= n1; n += 2 * QT) gemm_tile_q8<2>(*xq, wq, w.scale, M, n, n0, out, ldo);
-        for (; n < n1; n += QT) gemm_tile_q8<1>(*xq, wq, w.scale, M, n, n0, out, ldo);
+    if (w.bits != W_PLAIN) {  // n0, n1 multiples of 16
+        const XQ& x8 = *xq;
+        const int64_t G = K / 32;
+        const uint8_t* codes = (const uint8_t*)w.w;
+        for (; n < n1;) {
+            const int nt = n + 2 * QT <= n1 ? 2 : 1;
+            float* o = out + (n - n0);
+            if (w.bits == W_Q8) {
+                const uint8_t* c = codes + n * K;
+                const float* sc = (const float*)w.scale + n * G;
+                if (nt == 2) gemm_tile_packed<MicroQ8, 2>(x8, c, sc, M, o, ldo);
+                else gemm_tile_packed<MicroQ8, 1>(x8, c, sc, M, o, ldo);
+            } else {
+                const uint8_t* c = codes + n * K / 2;
+                const uint16_t* sc = (const uint16_t*)w.scale + n * G * 2;
+                if (nt == 2) gemm_tile_packed<MicroQ4, 2>(x8, c, sc, M, o, ldo);
+                else gemm_tile_packed<MicroQ4, 1>(x8, c, sc, M, o, ldo);
+            }
+            n += nt * QT;
+        }
         return;
     }
     const T* wt = (const T*)w.w;
@@ -544,13 +667,14 @@ static const int64_t ROWS_Q8 = 32;  // ... for int8 weights (two tiles)
 // many); nullptr otherwise.
 template <typename T>
 static const XQ* prepare_x(Pool& p, const T* x, WRef w, int64_t M, int64_t K) {
-    if (w.scale == nullptr) return nullptr;
+    if (w.bits == W_PLAIN) return nullptr;
     static thread_local XQ buf;
     XQ& xq = buf;  // the caller's: a lambda naming the thread_local would get each worker's own
     xq.K = K;
     xq.q.resize(M * K);
     xq.s.resize(M * K / 32);
     xq.corr.resize(M * K / 32);
+    xq.sum.resize(M * K / 32);
     const int64_t rows = std::max<int64_t>(1, 4096 / K);  // rows per chunk
     if (M <= rows) quantize_rows_q8<T>(x, 0, M, K, xq);
     else parallel_for(p, (M + rows - 1) / rows, [&](int64_t c) {
@@ -823,9 +947,10 @@ static int attention(Pool& p, const AttnArgs& a) {
 // ------------------------------------------------------------------------------ forward
 
 // Pointers of one decoder layer, in this order (0 where absent).
-// P_S*: lane scales where that weight is int8 codes in the q8 lane layout, else 0.
+// P_S*: the scales of int8 / int4 weights (WRef), else 0; P_F*: their WFormat (bits).
 enum LayerPtr { P_LN1, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_LN2, P_WGU, P_WDOWN,
-                P_KCACHE, P_VCACHE, P_SQKV, P_SO, P_SGU, P_SDOWN, P_COUNT };
+                P_KCACHE, P_VCACHE, P_SQKV, P_SO, P_SGU, P_SDOWN, P_FQKV, P_FO, P_FGU, P_FDOWN,
+                P_COUNT };
 // Model dims, in this order.
 enum Dim { D_LAYERS, D_HIDDEN, D_HQ, D_HKV, D_HEADDIM, D_INTER, D_BLOCK, D_MAXBLOCKS,
            D_ROPE_POS, D_COUNT };
@@ -899,7 +1024,7 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         // Small per-token work (norms, RoPE, the cache write) runs on the calling thread:
         // a few microseconds, less than handing it out would cost.
         rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN1], h.data(), M, H, eps);
-        linear<T>(p, h.data(), {(const void*)P[P_WQKV], (const float*)P[P_SQKV]},
+        linear<T>(p, h.data(), {(const void*)P[P_WQKV], (const void*)P[P_SQKV], P[P_FQKV]},
                   (const T*)P[P_BQKV], qkv.data(), M, QKV, H,
                   QKV, OUT_F32);
         for (int64_t t = 0; t < M; ++t) {  // q/k norm (Qwen3), RoPE, new K/V into the cache
@@ -919,13 +1044,13 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         }
         // The K/V just stored are read back through the cache (as T), like every key.
         attention_body<T>(p, a, items, first, part.data());
-        linear<T>(p, h.data(), {(const void*)P[P_WO], (const float*)P[P_SO]}, (const T*)nullptr,
+        linear<T>(p, h.data(), {(const void*)P[P_WO], (const void*)P[P_SO], P[P_FO]}, (const T*)nullptr,
                   resid.data(), M, H, HQ * D,
                   H, OUT_ADD_F32);
         rmsnorm_rows<T>(resid.data(), (const T*)P[P_LN2], h.data(), M, H, eps);
-        gate_up_silu<T>(p, h.data(), {(const void*)P[P_WGU], (const float*)P[P_SGU]}, act.data(),
+        gate_up_silu<T>(p, h.data(), {(const void*)P[P_WGU], (const void*)P[P_SGU], P[P_FGU]}, act.data(),
                         M, I, H);
-        linear<T>(p, act.data(), {(const void*)P[P_WDOWN], (const float*)P[P_SDOWN]},
+        linear<T>(p, act.data(), {(const void*)P[P_WDOWN], (const void*)P[P_SDOWN], P[P_FDOWN]},
                   (const T*)nullptr, resid.data(), M, H, I,
                   H, OUT_ADD_F32);
     }
@@ -946,18 +1071,22 @@ int kvs_has_avx512_bf16() {
 }
 
 // dtype: 0 = float32, 1 = bfloat16 (x, bias, y when not out_fp32)
-// w_scale non-null: w is u8 codes in the q8 tile layout with scales [N / 16, K / 32, 16]
-// (N % 16 == 0, K % 32 == 0); otherwise w has x's dtype.
-int kvs_linear(int dtype, const void* x, const void* w, const float* w_scale, const void* bias,
-               void* y, int64_t M, int64_t N, int64_t K, int out_fp32, int nthreads) {
+// bits 8 / 4: w is u8 codes in the q8 / q4 tile layout with w_scale as WRef says (N % 16 == 0,
+// K % 32 == 0); bits 0: w has x's dtype.
+int kvs_linear(int dtype, const void* x, const void* w, const void* w_scale, int64_t bits,
+               const void* bias, void* y, int64_t M, int64_t N, int64_t K, int out_fp32,
+               int nthreads) {
     std::lock_guard<std::mutex> lock(pool_mutex);
     Pool& p = pool(nthreads);
     const int mode = out_fp32 ? OUT_F32 : OUT_T;
-    if (w_scale && (K % 32 || N % QT)) return 1;
+    if (bits != W_PLAIN && (K % 32 || N % QT || !w_scale || (bits != W_Q8 && bits != W_Q4)))
+        return 1;
     if (dtype == 0)
-        linear<float>(p, (const float*)x, {w, w_scale}, (const float*)bias, y, M, N, K, N, mode);
+        linear<float>(p, (const float*)x, {w, w_scale, bits}, (const float*)bias, y, M, N, K, N,
+                      mode);
     else
-        linear<bf16>(p, (const bf16*)x, {w, w_scale}, (const bf16*)bias, y, M, N, K, N, mode);
+        linear<bf16>(p, (const bf16*)x, {w, w_scale, bits}, (const bf16*)bias, y, M, N, K, N,
+                     mode);
     return 0;
 }
 
