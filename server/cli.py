@@ -21,11 +21,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
-                   help="auto (default): int8 where the fused CPU step runs on AVX-512 VNNI, "
-                        "else none; int8: the fused CPU step multiplies int8 weights (groups "
-                        "of 32) by int8-rounded activations (llama.cpp's Q8_0 x Q8_0); int4: "
-                        "weight-only int4 linears (torch kernel, eager step)")
+    g.add_argument("--quantization", default="auto",
+                   choices=["auto", "none", "gguf", "int8", "int4"],
+                   help="auto (default): gguf where the fused CPU step runs on AVX-512 VNNI and "
+                        "--dtype is not float32, else none; gguf: the fused step runs weights "
+                        "already on a 4-bit grid (a Q4_0/Q4_1/Q4_K file's) as int4 with their "
+                        "exact codes and the rest as int8, times int8-rounded activations "
+                        "(llama.cpp's Q8 activations); int8: all int8; int4: weight-only int4 "
+                        "linears (torch kernel, eager step)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step as eager torch ops (no fused CPU decode forward)")
 
