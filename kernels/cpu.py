@@ -283,31 +283,46 @@ def quantize_act_q8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xg * inv) * (amax / 127)).reshape(m, k)
 
 
+def pack_f32(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] float32 -> the kernel's float32 tiles [N/16, K, 16] (N % 16 == 0): 16 rows'
+    weights of one k side by side, for a broadcast-FMA GEMM without horizontal sums."""
+    n, k = w.shape
+    if n % 16:
+        raise ValueError(f"float32 tiles need out_features % 16 == 0, got {n}")
+    return w.detach().float().reshape(n // 16, 16, k).transpose(1, 2).contiguous()
+
+
 def _w_bits(w: torch.Tensor, w_scale: torch.Tensor | None) -> int:
-    """The kernel's WFormat of a weight: 0 (x's dtype), 8 (pack_q8), 4 (pack_q4)."""
+    """The kernel's WFormat of a weight: 0 (x's dtype, [N, K]), 8 (pack_q8), 4 (pack_q4),
+    32 (pack_f32)."""
     if w_scale is None:
-        return 0
+        return 32 if w.dim() == 3 and w.dtype == torch.float32 else 0
     return 4 if w_scale.dtype == torch.float16 else 8
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            out_fp32: bool = False, w_scale: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [M, K] fp32/bf16; w: [N, K] of x's dtype, or pack_q8's / pack_q4's codes with w_scale
-    # (then x is quantized to int8 per group of 32 inside) -> [M, N] (fp32 if out_fp32)
+    # x: [M, K] fp32/bf16; w: [N, K] of x's dtype, pack_f32's tiles (fp32 x), or pack_q8's /
+    # pack_q4's codes with w_scale (then x is quantized to int8 per group of 32 inside)
+    # -> [M, N] (fp32 if out_fp32)
     lib = library()
     x, w = x.contiguous(), w.contiguous()
     m, k = x.shape
     bits = _w_bits(w, w_scale)
     n = w.shape[0] * 16 if bits else w.shape[0]
-    steps = 8 if bits == 8 else 4
-    scale_shape = (n // 16, k // 32, 16) if bits == 8 else (n // 16, k // 32, 2, 16)
-    if (w.dtype == torch.uint8) != bool(bits) \
-            or (not bits and (w.dtype != x.dtype or w.shape[1] != k)) \
-            or (bits and (tuple(w.shape) != (n // 16, k // 32, steps, 16, 4)
-                          or tuple(w_scale.shape) != scale_shape)):
+    if bits == 32:
+        shape_ok = x.dtype == torch.float32 and tuple(w.shape) == (n // 16, k, 16)
+    elif bits:
+        shape_ok = w.dtype == torch.uint8 and tuple(w.shape) == (
+            n // 16, k // 32, 8 if bits == 8 else 4, 16, 4) and tuple(w_scale.shape) == (
+            (n // 16, k // 32, 16) if bits == 8 else (n // 16, k // 32, 2, 16))
+    else:
+        shape_ok = w.dtype == x.dtype and w.dim() == 2 and w.shape[1] == k
+    if not shape_ok:
         raise ValueError(f"linear: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}, "
                          f"w_scale {None if w_scale is None else tuple(w_scale.shape)}: int8 / "
-                         f"int4 weights are pack_q8's / pack_q4's, others [N, K] of x's dtype")
+                         f"int4 weights are pack_q8's / pack_q4's, float32 tiles pack_f32's "
+                         f"(float32 x), others [N, K] of x's dtype")
     y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
     rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale), bits,
                         _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), torch.get_num_threads())
@@ -317,13 +332,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 
 
 WEIGHT_FORMATS = ("int8", "gguf")
+FORMAT_NAMES = {4: "int4", 8: "int8", 32: "float32 tiles"}
 
 
 def pack_weight(w: torch.Tensor, weights: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A linear weight as the fused step reads it: as is (None), pack_q8 ("int8"), or for
-    "gguf" pack_q4 where w is already on a 4-bit grid (a Q4_0 / Q4_1 / Q4_K file's blocks,
-    exact) and pack_q8 elsewhere."""
+    """A linear weight as the fused step reads it. weights None: float32 as pack_f32's tiles
+    (where N % 16 == 0), bf16 as is; "int8": pack_q8; "gguf": pack_q4 where w is already on a
+    4-bit grid (a Q4_0 / Q4_1 / Q4_K file's blocks, exact) and pack_q8 elsewhere."""
     if weights is None:
+        if w.dtype == torch.float32 and w.shape[0] % 16 == 0:
+            return pack_f32(w), None
         return w, None
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown fused-step weights {weights!r}")
@@ -351,14 +369,18 @@ class Forward:
         self._keep = []  # tensors whose pointers the kernel holds
         self.formats: set[str] = set()  # the layer weights' formats, for the startup log
 
-        # int8 / gguf: every fused step reads the packed weights (pack_weight); the model's
-        # own weights stay for the torch path (longer prefill chunks).
+        # int8 / gguf / float32 tiles: every fused step reads the packed weights (pack_weight);
+        # the model's own weights stay for the torch path (longer prefill chunks).
+        self.tiles = int8_shapes_ok(cfg)  # every GEMM's rows come in tiles of 16
         self.layer_ptrs = self._layer_ptrs(model, kv_caches, weights)
         self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
         self.final_norm = model.norm.weight
         self.lm_head = model.lm_head.weight
         self.lm_head_packed = pack_weight(model.lm_head.weight, weights) \
-            if weights and model.lm_head.weight.shape[0] % 16 == 0 else None
+            if self.tiles and model.lm_head.weight.shape[0] % 16 == 0 else None
+        if self.lm_head_packed is not None and self.lm_head_packed[1] is None \
+                and self.lm_head_packed[0].dtype != torch.float32:
+            self.lm_head_packed = None  # bf16 as is: the [N, K] kernel reads it directly
         self.cos = model.rope.cos.float().contiguous()
         self.sin = model.rope.sin.float().contiguous()
         self.max_positions = self.cos.shape[0]
@@ -369,8 +391,8 @@ class Forward:
         ptrs = []
         for layer, (kc, vc) in zip(model.layers, kv_caches):
             attn, mlp = layer.self_attn, layer.mlp
-            mats = [pack_weight(lin.weight, weights) for lin in
-                    (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            mats = [pack_weight(lin.weight, weights) if self.tiles else (lin.weight, None)
+                    for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             (wqkv, sqkv), (wo, so), (wgu, sgu), (wdown, sdown) = mats
             tensors = [layer.input_layernorm.weight, wqkv, attn.qkv_proj.bias,
                        attn.q_norm.weight if attn.qk_norm else None,
@@ -384,8 +406,8 @@ class Forward:
                         t.dtype
                     self._keep.append(t)
             ptrs += [_ptr(t) or 0 for t in tensors] + [_w_bits(*mat) for mat in mats]
-            self.formats.update(f"int{_w_bits(*mat)}" if _w_bits(*mat) else str(self.dtype)
-                                for mat in mats)
+            self.formats.update(FORMAT_NAMES.get(_w_bits(*mat), str(self.dtype).removeprefix(
+                "torch.")) for mat in mats)
         return torch.tensor(ptrs, dtype=torch.int64)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -362,3 +362,30 @@ def test_gguf_step_weights_run_4bit_grids_as_int4(tiny_q4):
     ref_outs = ref.generate(PROMPTS, params, use_tqdm=False)
     same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(outs, ref_outs))
     assert same >= len(PROMPTS) // 2
+
+
+def test_float32_tiles():
+    """pack_f32: w[n, k] at [n // 16, k, n % 16]; the tile GEMM equals the float product, and a
+    float32 model's fused step reads its weights in tiles (same greedy tokens: see
+    test_fused_forward_matches_transformers)."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 40, generator=gen)
+    tiles = cpu.pack_f32(w)
+    assert tiles.shape == (3, 40, 16) and float(tiles[2, 7, 5]) == float(w[37, 7])
+    for m in (1, 7, 20):
+        x = torch.randn(m, 40, generator=gen)
+        y = cpu.linear(x, tiles, out_fp32=True)
+        assert (y - x.double() @ w.double().T).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="pack_f32"):
+        cpu.linear(x.bfloat16(), tiles)
+    with pytest.raises(ValueError, match="16"):
+        cpu.pack_f32(torch.randn(40, 48))
+
+
+def test_float32_model_steps_on_tiles(tiny):
+    from engine import LLM
+    _, path, _ = tiny
+    llm = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    assert llm.engine.runner.fast.formats == {"float32 tiles"}
+    b16 = LLM(model=str(path), dtype="bfloat16", device="cpu", num_kv_blocks=64)
+    assert b16.engine.runner.fast.formats == {"bfloat16"}

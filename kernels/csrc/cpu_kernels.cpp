@@ -616,10 +616,68 @@ template <int NT, int MC> struct MicroQ4 {
     }
 };
 
+// ------------------------------------------------------------------------------ packed fp32
+//
+// float32 weights in tiles of 16 rows, K-major inside a tile ([N / 16, K, 16], kernels/cpu.py's
+// pack_f32): each x element is broadcast against 16 rows' weights, so every FMA is useful and
+// outputs need no horizontal sums (the [N, K] kernel above spends a fifth of its work there).
+template <int NT, int MC> struct MicroF32T {
+    static inline void run(const float* x, int64_t K, const float* w, float* out, int64_t ldo) {
+        const int64_t tile = K * QT;
+#if defined(__AVX512F__)
+        __m512 acc[NT][MC];
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m) acc[t][m] = _mm512_setzero_ps();
+        #pragma GCC unroll 4
+        for (int64_t k = 0; k < K; ++k) {
+            __m512 wv[NT];
+            for (int t = 0; t < NT; ++t) {
+                _mm_prefetch((const char*)(w + t * tile + (k + 16) * QT), _MM_HINT_T0);
+                wv[t] = _mm512_loadu_ps(w + t * tile + k * QT);
+            }
+            for (int m = 0; m < MC; ++m) {
+                const __m512 xb = _mm512_set1_ps(x[m * K + k]);
+                for (int t = 0; t < NT; ++t) acc[t][m] = _mm512_fmadd_ps(xb, wv[t], acc[t][m]);
+            }
+        }
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, acc[t][m]);
+#else
+        for (int t = 0; t < NT; ++t)
+            for (int m = 0; m < MC; ++m)
+                for (int l = 0; l < QT; ++l) {
+                    float s = 0.f;
+                    for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[t * tile + k * QT + l];
+                    out[m * ldo + t * QT + l] = s;
+                }
+#endif
+    }
+};
+
+static const int MF = 6;  // x rows per packed-fp32 micro-kernel call
+
+template <int NT>
+static inline void gemm_tile_f32t(const float* x, const float* w, int64_t M, int64_t K,
+                                  float* out, int64_t ldo) {
+    for (int64_t m0 = 0; m0 < M; m0 += MF) {
+        const float* xm = x + m0 * K;
+        float* o = out + m0 * ldo;
+        switch ((int)std::min<int64_t>(MF, M - m0)) {
+            case 1: MicroF32T<NT, 1>::run(xm, K, w, o, ldo); break;
+            case 2: MicroF32T<NT, 2>::run(xm, K, w, o, ldo); break;
+            case 3: MicroF32T<NT, 3>::run(xm, K, w, o, ldo); break;
+            case 4: MicroF32T<NT, 4>::run(xm, K, w, o, ldo); break;
+            case 5: MicroF32T<NT, 5>::run(xm, K, w, o, ldo); break;
+            default: MicroF32T<NT, 6>::run(xm, K, w, o, ldo); break;
+        }
+    }
+}
+
 // A weight matrix [N, K]: elements of the model's type (bits 0), or u8 codes in the q8 tile
 // layout with fp32 scales [N / 16, K / 32, 16] (bits 8), or in the q4 tile layout with fp16
-// scales and minimums [N / 16, K / 32, 2, 16] (bits 4).
-enum WFormat { W_PLAIN = 0, W_Q4 = 4, W_Q8 = 8 };
+// scales and minimums [N / 16, K / 32, 2, 16] (bits 4), or fp32 in tiles [N / 16, K, 16]
+// (bits 32, float32 models).
+enum WFormat { W_PLAIN = 0, W_Q4 = 4, W_Q8 = 8, W_F32T = 32 };
 struct WRef {
     const void* w;
     const void* scale;
@@ -632,6 +690,15 @@ template <typename T>
 static void gemm_block(const T* x, const XQ* xq, WRef w, int64_t M, int64_t K, int64_t n0,
                        int64_t n1, float* out, int64_t ldo) {
     int64_t n = n0;
+    if (w.bits == W_F32T) {  // n0, n1 multiples of 16
+        if constexpr (std::is_same<T, float>::value) {
+            const float* wt = (const float*)w.w;
+            for (; n + 2 * QT <= n1; n += 2 * QT)
+                gemm_tile_f32t<2>(x, wt + n * K, M, K, out + (n - n0), ldo);
+            for (; n < n1; n += QT) gemm_tile_f32t<1>(x, wt + n * K, M, K, out + (n - n0), ldo);
+        }
+        return;
+    }
     if (w.bits != W_PLAIN) {  // n0, n1 multiples of 16
         const XQ& x8 = *xq;
         const int64_t G = K / 32;
@@ -661,13 +728,13 @@ static void gemm_block(const T* x, const XQ* xq, WRef w, int64_t M, int64_t K, i
 }
 
 static const int64_t ROWS = 24;     // weight rows per chunk of work
-static const int64_t ROWS_Q8 = 32;  // ... for int8 weights (two tiles)
+static const int64_t ROWS_Q8 = 32;  // ... for weights in tiles of 16 rows (two tiles)
 
 // x quantized for an int8 weight (once per GEMM; rows split across the pool when there are
 // many); nullptr otherwise.
 template <typename T>
 static const XQ* prepare_x(Pool& p, const T* x, WRef w, int64_t M, int64_t K) {
-    if (w.bits == W_PLAIN) return nullptr;
+    if (w.bits != W_Q8 && w.bits != W_Q4) return nullptr;
     static thread_local XQ buf;
     XQ& xq = buf;  // the caller's: a lambda naming the thread_local would get each worker's own
     xq.K = K;
@@ -689,7 +756,7 @@ template <typename T>
 static void linear(Pool& p, const T* x, WRef w, const T* bias, void* y, int64_t M,
                    int64_t N, int64_t K, int64_t ldy, int mode) {
     const XQ* xq = prepare_x<T>(p, x, w, M, K);
-    const int64_t R = xq ? ROWS_Q8 : ROWS;
+    const int64_t R = w.bits != W_PLAIN ? ROWS_Q8 : ROWS;
     parallel_for(p, (N + R - 1) / R, [&](int64_t c) {
         const int64_t n0 = c * R, n1 = std::min(N, n0 + R);
         std::vector<float> tmp;
@@ -729,7 +796,7 @@ template <typename T>
 static void gate_up_silu(Pool& p, const T* x, WRef w, T* act, int64_t M, int64_t I,
                          int64_t K) {
     const XQ* xq = prepare_x<T>(p, x, w, M, K);
-    const int64_t R = xq ? ROWS_Q8 : ROWS;
+    const int64_t R = w.bits != W_PLAIN ? ROWS_Q8 : ROWS;
     parallel_for(p, (I + R - 1) / R, [&](int64_t c) {
         const int64_t n0 = c * R, n1 = std::min(I, n0 + R);
         std::vector<float> g(M * R), u(M * R);
@@ -1079,8 +1146,9 @@ int kvs_linear(int dtype, const void* x, const void* w, const void* w_scale, int
     std::lock_guard<std::mutex> lock(pool_mutex);
     Pool& p = pool(nthreads);
     const int mode = out_fp32 ? OUT_F32 : OUT_T;
-    if (bits != W_PLAIN && (K % 32 || N % QT || !w_scale || (bits != W_Q8 && bits != W_Q4)))
-        return 1;
+    if ((bits == W_Q8 || bits == W_Q4) && (K % 32 || N % QT || !w_scale)) return 1;
+    if (bits == W_F32T && (dtype != 0 || N % QT)) return 1;
+    if (bits != W_PLAIN && bits != W_Q8 && bits != W_Q4 && bits != W_F32T) return 1;
     if (dtype == 0)
         linear<float>(p, (const float*)x, {w, w_scale, bits}, (const float*)bias, y, M, N, K, N,
                       mode);
