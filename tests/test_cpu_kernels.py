@@ -51,6 +51,8 @@ CASES = [  # hq, hkv, d, block size, seq lens, query lens, window
     (4, 4, 64, 32, [90, 33], [1, 33], 40),                       # MHA, window > block
     (12, 1, 64, 16, [600, 1], [1, 1], None),                     # MQA, 3 key chunks + 1 key
     (16, 2, 32, 8, [2000, 10, 10], [1, 1, 10], 1500),            # a long window, 8 chunks
+    (4, 2, 80, 16, [50, 17], [3, 17], None),                     # head_dim 80: 5 vectors
+    (2, 1, 24, 16, [33, 70], [2, 1], None),                      # head_dim 24: a partial one
 ]
 
 

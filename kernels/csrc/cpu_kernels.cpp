@@ -850,6 +850,20 @@ struct Item { int32_t tok, seq, chunk; int32_t lo, hi; };
 
 static const int KB = 16;  // keys scored together (one vector of exps)
 
+#if defined(__AVX512F__)
+// acc[0, 16 NV) += sum over the block's keys of p[j] * v[j]: NV independent FMA chains.
+template <int NV>
+static inline void attn_pv(float* acc, const float* p, const float (*v)[256], int nk) {
+    __m512 a[NV];
+    for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(acc + i * 16);
+    for (int j = 0; j < nk; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_load_ps(v[j] + i * 16), a[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + i * 16, a[i]);
+}
+#endif
+
 template <typename T>
 static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part) {
     // part: G x (2 + D) floats: m, l, acc[D]
@@ -906,19 +920,26 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
             l[g] += _mm512_reduce_add_ps(e);
             _mm512_store_ps(pr[g], e);
         }
-        for (int jj = 0; jj < nk; ++jj) {
-            const T* vr = vc + rows[jj];
-            __m512 vv[16];
-            for (int64_t v = 0; v < nv; ++v) vv[v] = load16<T>(vr + v * 16, v + 1 < nv ? 0xffff : tail);
-            for (int64_t g = 0; g < G; ++g) {
-                float* acc = part + g * (2 + D) + 2;
-                const __m512 pj = _mm512_set1_ps(pr[g][jj]);
+        // V: the block's rows as fp32 once, then each head's accumulator stays in a register
+        // across the block's keys (a load and a store per block, not per key).
+        alignas(64) float vs[KB][256];
+        for (int jj = 0; jj < nk; ++jj)
+            for (int64_t v = 0; v < nv; ++v)
+                _mm512_store_ps(vs[jj] + v * 16,
+                                load16<T>(vc + rows[jj] + v * 16, v + 1 < nv ? 0xffff : tail));
+        for (int64_t g = 0; g < G; ++g) {
+            float* acc = part + g * (2 + D) + 2;
+            if (nv == 4 && tail == 0xffff) attn_pv<4>(acc, pr[g], vs, nk);  // head_dim 64
+            else if (nv == 8 && tail == 0xffff) attn_pv<8>(acc, pr[g], vs, nk);  // 128
+            else
                 for (int64_t v = 0; v < nv; ++v) {
                     const __mmask16 mk = v + 1 < nv ? 0xffff : tail;
-                    _mm512_mask_storeu_ps(acc + v * 16, mk, _mm512_fmadd_ps(
-                        pj, vv[v], _mm512_maskz_loadu_ps(mk, acc + v * 16)));
+                    __m512 a = _mm512_maskz_loadu_ps(mk, acc + v * 16);
+                    for (int jj = 0; jj < nk; ++jj)
+                        a = _mm512_fmadd_ps(_mm512_set1_ps(pr[g][jj]),
+                                            _mm512_load_ps(vs[jj] + v * 16), a);
+                    _mm512_mask_storeu_ps(acc + v * 16, mk, a);
                 }
-            }
         }
     }
 #else
