@@ -47,12 +47,13 @@ class ModelRunner:
                              f"model cannot use (float32/bfloat16 weights, dimensions divisible "
                              f"by 32)")
         self.fast_max = FAST_MAX_TOKENS_INT8 if weights else FAST_MAX_TOKENS
+        fmt = ""
+        if self.fast is not None:
+            fmt = (f" ({'/'.join(sorted(self.fast.formats))} layers, {self.fast.head_format} head"
+                   + (", x int8 activations" + ("" if cpu_kernels.has_vnni() else
+                                                " (no VNNI: slow)") if weights else "") + ")")
         logger.info("step: %s; attention: %s",
-                    f"fused CPU forward for steps of <= {self.fast_max} tokens"
-                    + (f" ({'/'.join(sorted(self.fast.formats))} weights x int8 activations"
-                       + ("" if cpu_kernels.has_vnni() else ", no VNNI: slow") + ")"
-                       if weights else "")
-                    + ", torch beyond"
+                    f"fused CPU forward for steps of <= {self.fast_max} tokens{fmt}, torch beyond"
                     if self.fast else "eager torch" + (" (--enforce-eager)"
                                                        if config.enforce_eager else ""),
                     config.attention_backend)

@@ -381,6 +381,8 @@ class Forward:
         if self.lm_head_packed is not None and self.lm_head_packed[1] is None \
                 and self.lm_head_packed[0].dtype != torch.float32:
             self.lm_head_packed = None  # bf16 as is: the [N, K] kernel reads it directly
+        self.head_format = FORMAT_NAMES.get(_w_bits(*self.lm_head_packed), "?") \
+            if self.lm_head_packed is not None else str(self.dtype).removeprefix("torch.")
         self.cos = model.rope.cos.float().contiguous()
         self.sin = model.rope.sin.float().contiguous()
         self.max_positions = self.cos.shape[0]
