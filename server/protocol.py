@@ -6,9 +6,9 @@ Unknown fields are ignored, as OpenAI's and vLLM's servers do; known fields are 
 is accepted.  SamplingParams checks the same bounds again for the engine's own callers."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from engine import SamplingParams
 
@@ -25,6 +25,20 @@ MAX_ABS_LENGTH_PENALTY = 10.0
 REQUEST = ConfigDict(extra="ignore", strict=True)
 
 
+def _utf8(value: str) -> str:
+    # JSON may carry "\ud800" (a lone surrogate): valid JSON, but no Unicode text, so the
+    # tokenizer cannot take it. Say so here (a 400 naming the field) instead of failing there.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate {value[e.start]!r} at "
+                         f"character {e.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class StreamOptions(BaseModel):
     model_config = REQUEST
     include_usage: bool = False
@@ -38,7 +52,7 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
@@ -82,24 +96,24 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class TextPart(BaseModel):
     model_config = REQUEST
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = REQUEST
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[Text, list[TextPart], None] = None
     name: str | None = None
 
     def text(self) -> str:
@@ -129,7 +143,7 @@ class ChatCompletionRequest(_Sampling):
 class TokenizeRequest(BaseModel):
     model_config = REQUEST
     model: str | None = None
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True

@@ -600,3 +600,22 @@ def test_openapi_fuzz(api_schema, method, path, mode):
         keep_generation_short(case)
         case.call_and_validate(checks=checks, timeout=60)
     run()
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "a\udfffb"], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2, "stream": True}, "prompt"),
+    ("/v1/completions", {"prompt": "ok", "max_tokens": 2, "stop": ["\ud800"]}, "stop"),
+    ("/tokenize", {"prompt": "a\ud800b"}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]},
+     "messages"),
+])
+def test_lone_surrogate_is_a_400_not_a_500(client, path, body, param):
+    """JSON can carry "\\ud800", which is no Unicode text: a 400 naming the field (it was a
+    plain-text 500 from the tokenizer that reset the keep-alive connection)."""
+    raw = json.dumps(body).encode()  # ASCII escapes: "\ud800" as the six characters
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    err = assert_error(r, 400, param)
+    assert "surrogate" in err["message"]
+    post_ok(client, "/v1/completions", {"prompt": "ok", "max_tokens": 1})  # same connection
