@@ -113,6 +113,9 @@ class AsyncEngine:
         self._num_waiting = 0                    # the scheduler's queue, published per step
         self._num_requests = 0
         self.error: BaseException | None = None
+        # called on the engine thread after a failed step has failed every request (the
+        # server shuts itself down from it)
+        self.on_failure: Callable[[BaseException], None] | None = None
         self.draining = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
@@ -265,6 +268,11 @@ class AsyncEngine:
             self._streams.clear()
             self._num_requests = 0
             self._fail_inbox(e)
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(e)
+                except Exception:  # noqa: BLE001 - the thread is ending either way
+                    logger.exception("engine failure callback failed")
 
     def _fail_inbox(self, error: BaseException) -> None:
         """After a failure: answer whatever is in the inbox (either thread may call this)."""

@@ -2,7 +2,9 @@
 
 On SIGTERM/SIGINT the server keeps listening but admits nothing new (503), lets running
 requests finish for up to --shutdown-timeout seconds, aborts the rest, then stops uvicorn and
-exits 0.  A second signal stops at once.
+exits 0.  A second signal stops at once.  If the engine fails, every request hears about it
+(an error event, or 503), then the server shuts down and exits 1, as vLLM's does: a
+supervisor watching exit codes sees the failure.
 """
 from __future__ import annotations
 
@@ -26,6 +28,17 @@ class _Server(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._drain_task: asyncio.Task | None = None  # held: the loop keeps only weak refs
+        self.engine_failed = False
+        aengine.on_failure = self._on_engine_failure
+
+    def _on_engine_failure(self, error: BaseException) -> None:  # the engine thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._shut_down_failed, error)
+
+    def _shut_down_failed(self, error: BaseException) -> None:
+        self.engine_failed = True
+        logger.error("the engine failed (%r): shutting the server down, exit code 1", error)
+        self.should_exit = True  # uvicorn lets the in-flight responses finish first
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -68,4 +81,4 @@ def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
         server.run()
     finally:
         aengine.stop()
-    return 0 if server.started else 1
+    return 0 if server.started and not server.engine_failed else 1
