@@ -313,7 +313,9 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
                     if t.exception() is not None:
                         raise t.exception()
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError
+                    # the client went away: its streams are aborted below; nothing to send
+                    # (499, nginx's "client closed request", for the record), no traceback
+                    return Response(status_code=499)
             for t in tasks:
                 t.result()
         except EngineDead as e:

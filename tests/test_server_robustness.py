@@ -173,6 +173,9 @@ def test_non_stream_disconnect_aborts(server):
     wait_until(lambda: aborted(metrics(url)) == before + 1, 15, "the request is aborted")
     wait_idle(url, timeout=10)
     assert time.monotonic() - t0 < 20
+    # a client going away is normal: no ERROR traceback in the log for it
+    log = server.log()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-2000:]
 
 
 # ---------------------------------------------------------------- overload
