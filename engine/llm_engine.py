@@ -191,6 +191,12 @@ class LLMEngine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._validate_prompt(ids)
+        width = params.beam_width if params.use_beam_search else params.n
+        if width > self.config.max_num_seqs:
+            name = "beam_width" if params.use_beam_search else "n"
+            raise ValueError(f"{name} ({width}) exceeds max_num_seqs "
+                             f"({self.config.max_num_seqs}): its sequences could never run "
+                             f"together")
         if params.use_beam_search:
             seqs = [Sequence(request_id, 0, ids, params, arrival_time)]
             req = _Request(request_id, text, ids, params, seqs, BeamSearchState(seqs[0]))

@@ -85,12 +85,13 @@ class Scheduler:
         # ones may still grow to, so admitting never forces a preemption later.
         reserve = sum(self.kv.window_growth(s) for s in self.running)
         bs = self.kv.block_size
-        # a parent of n > 1 brings its children at its first sample: they hold seats from
-        # its admission on; a lone request always fits an empty batch
-        seats = sum(1 + len(s.pending_children) for s in self.running)
+        # a parent of n > 1 brings its children at its first sample, a beam request forks up
+        # to beam_width beams: they hold those seats from admission on; a lone request always
+        # fits an empty batch
+        seats = self.seats(self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            width = 1 + len(seq.pending_children)
+            width = self.seats([seq])
             if self.running and seats + width > self.max_num_seqs:
                 break
             hits = self.kv.match_prefix(seq)
@@ -115,6 +116,21 @@ class Scheduler:
             out.add(seq, n)
             budget -= n
             seats += width
+
+    @staticmethod
+    def seats(seqs) -> int:
+        """Batch seats these sequences hold, counting the forks still to come: a beam
+        request's group holds beam_width (its live beams never exceed it), an n > 1 parent
+        1 + its pending children."""
+        beam_groups, n = set(), 0
+        for s in seqs:
+            if s.params.use_beam_search:
+                if s.request_id not in beam_groups:
+                    beam_groups.add(s.request_id)
+                    n += s.params.beam_width
+            else:
+                n += 1 + len(s.pending_children)
+        return n
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start child as a copy of parent sharing its KV blocks (n > 1, beam search)."""

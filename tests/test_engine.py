@@ -142,3 +142,31 @@ def test_dummy_weights_and_generate_api(tiny_dir):
     assert outs[0].prompt_token_ids == [1, 2, 3]
     with pytest.raises(ValueError, match="SamplingParams for 2 prompts"):
         llm.generate([[1], [2]], [SamplingParams()] * 3)
+
+
+@pytest.mark.parametrize("fork", ["beam", "n"])
+def test_forks_never_exceed_max_num_seqs(tiny_dir, fork):
+    """A beam request holds beam_width seats from admission (its beams are forked later), an
+    n > 1 request n: the running batch never exceeds max_num_seqs (beams used to take one seat
+    and fork past the limit). A request wider than the limit is refused up front."""
+    engine = LLMEngine.from_args(model=tiny_dir, dtype="float32", device="cpu", block_size=4,
+                                 num_kv_blocks=200, max_num_seqs=4)
+    wide = SamplingParams(max_tokens=6, ignore_eos=True, use_beam_search=True, beam_width=3) \
+        if fork == "beam" else SamplingParams(max_tokens=6, ignore_eos=True, n=3, seed=1)
+    engine.add_request("wide", [5, 6, 7, 8], wide)
+    for i in range(4):
+        engine.add_request(f"r{i}", [9 + i, 3, 4], SamplingParams(max_tokens=8, ignore_eos=True))
+    peak = 0
+    finished = set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished.add(out.request_id)
+        peak = max(peak, len(engine.scheduler.running))
+        assert len(engine.scheduler.running) <= 4
+    assert finished == {"wide", "r0", "r1", "r2", "r3"}
+    assert peak == 4  # the limit is used, not just respected
+    too_wide = SamplingParams(use_beam_search=True, beam_width=5) if fork == "beam" \
+        else SamplingParams(n=5)
+    with pytest.raises(ValueError, match="beam_width|n "):
+        engine.add_request("x", [1, 2], too_wide)
