@@ -49,6 +49,14 @@ class Metrics:
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
+        # used + cached_free + free == total: a leak shows as used > 0 with nothing running
+        self.kv_blocks = {
+            key: gauge(f"kv_cache_blocks_{key}", doc) for key, doc in (
+                ("used", "KV cache blocks held by running or preempted-in requests."),
+                ("cached_free", "Free KV cache blocks still holding a cached prefix "
+                                "(reusable, evicted least recently used first)."),
+                ("free", "Empty KV cache blocks."),
+                ("total", "Usable KV cache blocks."))}
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of started requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.preemptions = counter("num_preemptions", "Preemptions (recompute).")
@@ -101,6 +109,11 @@ class Metrics:
         self.running.set(stats["num_running"])
         self.waiting.set(stats["num_waiting"])
         self.kv_usage.set(stats["kv_cache_usage"])
+        used, cached, total = (stats["kv_blocks_used"], stats["kv_blocks_cached_free"],
+                               stats["kv_blocks_total"])
+        for key, value in (("used", used), ("cached_free", cached),
+                           ("free", total - used - cached), ("total", total)):
+            self.kv_blocks[key].set(value)
 
     def on_step(self, stats: dict, step_time: float) -> None:
         for counter, key in ((self.prompt_tokens, "prompt_tokens"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -619,3 +620,29 @@ def test_lone_surrogate_is_a_400_not_a_500(client, path, body, param):
     err = assert_error(r, 400, param)
     assert "surrogate" in err["message"]
     post_ok(client, "/v1/completions", {"prompt": "ok", "max_tokens": 1})  # same connection
+
+
+def test_metrics_tell_used_from_cached_blocks(client):
+    """used + cached_free + free == total; once idle nothing is used, and a finished prompt
+    of several full blocks stays behind as cached-free blocks (reusable prefix)."""
+    prompt = "A long prompt whose full blocks stay in the prefix cache. " * 6
+    post_ok(client, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+
+    def scrape() -> dict[str, float]:
+        out = {}
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("kvserve:") and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key.split("{")[0]] = float(value)
+        return out
+
+    deadline = time.monotonic() + 30
+    m = scrape()
+    while m["kvserve:num_requests_running"] > 0 and time.monotonic() < deadline:
+        m = scrape()
+    blocks = {k: m[f"kvserve:kv_cache_blocks_{k}"] for k in ("used", "cached_free", "free",
+                                                              "total")}
+    assert blocks["used"] == 0, blocks
+    assert blocks["cached_free"] >= 2, blocks
+    assert blocks["used"] + blocks["cached_free"] + blocks["free"] == blocks["total"] > 0
+    assert m["kvserve:kv_cache_usage_perc"] == 0
