@@ -76,8 +76,58 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+# Request bodies above this many bytes get 413 before they are read whole (`kvserve serve
+# --max-request-bytes`): 4 MiB holds ~1M characters of prompt, far beyond any context here.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class _BodyLimit:
+    """413 in OpenAI's error shape for a body over `limit` bytes: at once from Content-Length;
+    a body without one (chunked) is read here up to the limit first (the handler would read
+    it whole anyway) and replayed to the app.  Plain ASGI, like _BearerAuth, so handlers
+    still see disconnects."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        parts, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before the body ended
+                return
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.limit:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(413, f"the request body is larger than {self.limit} bytes "
+                                       f"(kvserve serve --max-request-bytes)")
+        await response(scope, receive, send)
+
+
 def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None,
+              max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     eng = aengine.engine
     model_name = served_model_name or eng.model_name
     max_model_len = eng.config.max_model_len
@@ -113,6 +163,7 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
 
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)
+    app.add_middleware(_BodyLimit, limit=max_request_bytes)
 
     def check_model(name: str | None) -> None:
         if name and name != model_name:

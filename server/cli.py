@@ -104,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key,
                  max_queue=args.max_queue, request_timeout=args.request_timeout,
                  shutdown_timeout=args.shutdown_timeout,
-                 served_model_name=args.served_model_name, log_level=args.log_level)
+                 served_model_name=args.served_model_name, log_level=args.log_level,
+                 max_request_bytes=args.max_request_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds running requests get to finish after SIGTERM")
     srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                     help="request bodies above this get 413 (default 4 MiB)")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)

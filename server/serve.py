@@ -64,7 +64,8 @@ class _Server(uvicorn.Server):
 def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_queue: int | None = None,
           request_timeout: float | None = None, shutdown_timeout: float = 30.0,
-          served_model_name: str | None = None, log_level: str = "info") -> int:
+          served_model_name: str | None = None, log_level: str = "info",
+          max_request_bytes: int | None = None) -> int:
     from engine import LLMEngine
     aengine = AsyncEngine.launch(
         lambda: LLMEngine.from_args(**engine_kwargs),
@@ -73,7 +74,8 @@ def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
         max_queue=max_queue, request_timeout=request_timeout)
     try:
         name = served_model_name or aengine.engine.model_name
-        app = build_app(aengine, served_model_name=name, api_key=api_key)
+        app = build_app(aengine, served_model_name=name, api_key=api_key,
+                        **({"max_request_bytes": max_request_bytes} if max_request_bytes else {}))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                 timeout_graceful_shutdown=5, access_log=False)
         server = _Server(config, aengine, shutdown_timeout)

@@ -646,3 +646,21 @@ def test_metrics_tell_used_from_cached_blocks(client):
     assert blocks["cached_free"] >= 2, blocks
     assert blocks["used"] + blocks["cached_free"] + blocks["free"] == blocks["total"] > 0
     assert m["kvserve:kv_cache_usage_perc"] == 0
+
+
+def test_request_body_over_the_limit_is_413(client):
+    """Bodies above --max-request-bytes (4 MiB by default) get 413 in OpenAI's error shape,
+    whether the size is announced (Content-Length) or only seen while reading (chunked)."""
+    big = json.dumps({"prompt": "x" * (5 * 1024 * 1024), "max_tokens": 1}).encode()
+    r = client.post("/v1/completions", content=big,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"]["code"] == 413 and "max-request-bytes" in r.json()["error"]["message"]
+
+    def chunks():
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)]
+    r = client.post("/v1/completions", content=chunks(),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text[:300]
+    post_ok(client, "/v1/completions", {"prompt": "still fine", "max_tokens": 1})
