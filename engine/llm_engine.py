@@ -191,6 +191,10 @@ class LLMEngine:
         else:
             text, ids = None, [int(t) for t in prompt]
         self._validate_prompt(ids)
+        vocab = self.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}) (the model's vocabulary), "
+                             f"got {sorted(params.stop_token_ids)}")
         width = params.beam_width if params.use_beam_search else params.n
         if width > self.config.max_num_seqs:
             name = "beam_width" if params.use_beam_search else "n"

@@ -166,7 +166,7 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
     app.add_middleware(_BodyLimit, limit=max_request_bytes)
 
     def check_model(name: str | None) -> None:
-        if name and name != model_name:
+        if name is not None and name != model_name:  # "" too: no such model
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model")
 
     def need_tokenizer() -> None:

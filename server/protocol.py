@@ -57,7 +57,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)  # int64, as vLLM takes it
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extra sampling parameters

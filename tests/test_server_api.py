@@ -664,3 +664,19 @@ def test_request_body_over_the_limit_is_413(client):
                     headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text[:300]
     post_ok(client, "/v1/completions", {"prompt": "still fine", "max_tokens": 1})
+
+
+@pytest.mark.parametrize("extra,status,param", [
+    ({"seed": 2 ** 64}, 400, "seed"),              # beyond int64: was accepted
+    ({"seed": -2 ** 63 - 1}, 400, "seed"),
+    ({"stop_token_ids": [10 ** 9]}, 400, "stop_token_ids"),  # beyond the vocabulary
+    ({"model": ""}, 404, "model"),                 # no such model, like any other name
+])
+def test_out_of_range_fields_are_clear_errors(client, extra, status, param):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, **extra})
+    assert_error(r, status, param)
+
+
+def test_int64_seed_is_accepted(client):
+    post_ok(client, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "seed": 2 ** 63 - 1,
+                                        "temperature": 1.0})
