@@ -117,6 +117,7 @@ class AsyncEngine:
         # server shuts itself down from it)
         self.on_failure: Callable[[BaseException], None] | None = None
         self.draining = False
+        self._hurry = False  # hurry(): a drain stops waiting and aborts what is left now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._build: Callable[[], LLMEngine] | None = None
@@ -216,7 +217,8 @@ class AsyncEngine:
         the rest; returns how many were aborted."""
         self.draining = True
         end = time.monotonic() + timeout
-        while self.num_unfinished and time.monotonic() < end and self.healthy:
+        while self.num_unfinished and time.monotonic() < end and self.healthy \
+                and not self._hurry:
             await asyncio.sleep(0.05)
         left = self.num_unfinished
         if left:
@@ -224,6 +226,10 @@ class AsyncEngine:
             while self.num_unfinished and self.healthy and time.monotonic() < end + 5:
                 await asyncio.sleep(0.02)
         return left
+
+    def hurry(self) -> None:
+        """A drain in progress aborts the unfinished requests now instead of waiting."""
+        self._hurry = True
 
     def stop(self) -> None:
         self._stop.set()

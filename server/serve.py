@@ -2,7 +2,8 @@
 
 On SIGTERM/SIGINT the server keeps listening but admits nothing new (503), lets running
 requests finish for up to --shutdown-timeout seconds, aborts the rest, then stops uvicorn and
-exits 0.  A second signal stops at once.  If the engine fails, every request hears about it
+exits 0.  A second signal aborts the running requests at once (each stream still ends with
+finish_reason "abort" and [DONE]); a third stops without waiting for anything.  If the engine fails, every request hears about it
 (an error event, or 503), then the server shuts down and exits 1, as vLLM's does: a
 supervisor watching exit codes sees the failure.
 """
@@ -27,6 +28,7 @@ class _Server(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._hurried = False
         self._drain_task: asyncio.Task | None = None  # held: the loop keeps only weak refs
         self.engine_failed = False
         aengine.on_failure = self._on_engine_failure
@@ -45,8 +47,14 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
 
     def handle_exit(self, sig, frame) -> None:
-        if self._draining or self._loop is None:
+        if self._loop is None or self._hurried:
             return super().handle_exit(sig, frame)
+        if self._draining:
+            self._hurried = True
+            logger.info("signal %s again: aborting the running requests now (a third signal "
+                        "stops at once)", sig)
+            self.aengine.hurry()
+            return
         self._draining = True
         logger.info("signal %s: draining (up to %.0fs), then exiting", sig, self.shutdown_timeout)
         self._loop.call_soon_threadsafe(self._start_drain)

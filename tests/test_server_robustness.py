@@ -332,9 +332,10 @@ def test_api_key_compared_in_constant_time():
 
 # ---------------------------------------------------------------- SIGTERM
 
-def _sigterm_case(shutdown_timeout: float, max_tokens: int):
-    """Three streams in flight, then SIGTERM: returns their events, what new requests and
-    /health got while draining, the exit code and the time from signal to exit."""
+def _sigterm_case(shutdown_timeout: float, max_tokens: int, signals: int = 1):
+    """Three streams in flight, then SIGTERM (`signals` times once draining): returns their
+    events, what new requests and /health got while draining, the exit code and the time
+    from signal to exit."""
     with start_server(*SMALL, "--shutdown-timeout", str(shutdown_timeout)) as srv:
         url = srv.url
 
@@ -353,6 +354,8 @@ def _sigterm_case(shutdown_timeout: float, max_tokens: int):
                         await asyncio.sleep(0.05)
                 await asyncio.wait_for(health_is_503(), 10)
                 refused = await client.post(url + "/v1/completions", json=body(4))
+                for _ in range(signals - 1):
+                    srv.proc.send_signal(signal.SIGTERM)
                 events = await asyncio.wait_for(asyncio.gather(*streams), 60)
                 return events, refused, t_signal
 
@@ -370,6 +373,20 @@ def test_sigterm_aborts_streams_past_shutdown_timeout():
         assert ev[-2]["usage"]["completion_tokens"] < 2000
     assert rc == 0
     assert 3 <= exit_after < 3 + 15
+
+
+def test_second_sigterm_aborts_at_once_and_streams_still_end():
+    """A second SIGTERM while draining: no more waiting for the 60 s, but every stream still
+    gets finish_reason "abort", its usage and [DONE] (they used to be cut off mid-stream)."""
+    events, refused, rc, exit_after = _sigterm_case(shutdown_timeout=60, max_tokens=2000,
+                                                    signals=2)
+    assert_openai_error(refused, 503)
+    for ev in events:
+        assert ev[-1] == "[DONE]"
+        assert finish_reasons(ev) == ["abort"]
+        assert ev[-2]["usage"]["completion_tokens"] < 2000
+    assert rc == 0
+    assert exit_after < 20
 
 
 def test_sigterm_lets_short_streams_finish():
