@@ -364,14 +364,20 @@ def _sigterm_case(shutdown_timeout: float, max_tokens: int, signals: int = 1):
         return events, refused, rc, time.monotonic() - t_signal
 
 
-def test_sigterm_aborts_streams_past_shutdown_timeout():
-    events, refused, rc, exit_after = _sigterm_case(shutdown_timeout=3, max_tokens=2000)
+def _assert_aborted_cleanly(events, refused, rc: int, max_tokens: int) -> None:
+    """New requests were refused while draining; every stream ended with finish_reason
+    "abort", its usage and [DONE]; the process exited 0."""
     assert_openai_error(refused, 503)
     for ev in events:
         assert ev[-1] == "[DONE]"
         assert finish_reasons(ev) == ["abort"]
-        assert ev[-2]["usage"]["completion_tokens"] < 2000
+        assert ev[-2]["usage"]["completion_tokens"] < max_tokens
     assert rc == 0
+
+
+def test_sigterm_aborts_streams_past_shutdown_timeout():
+    events, refused, rc, exit_after = _sigterm_case(shutdown_timeout=3, max_tokens=2000)
+    _assert_aborted_cleanly(events, refused, rc, max_tokens=2000)
     assert 3 <= exit_after < 3 + 15
 
 
@@ -380,12 +386,7 @@ def test_second_sigterm_aborts_at_once_and_streams_still_end():
     gets finish_reason "abort", its usage and [DONE] (they used to be cut off mid-stream)."""
     events, refused, rc, exit_after = _sigterm_case(shutdown_timeout=60, max_tokens=2000,
                                                     signals=2)
-    assert_openai_error(refused, 503)
-    for ev in events:
-        assert ev[-1] == "[DONE]"
-        assert finish_reasons(ev) == ["abort"]
-        assert ev[-2]["usage"]["completion_tokens"] < 2000
-    assert rc == 0
+    _assert_aborted_cleanly(events, refused, rc, max_tokens=2000)
     assert exit_after < 20
 
 

@@ -447,6 +447,20 @@ static void quantize_rows_q8(const T* x, int64_t m0, int64_t m1, int64_t K, XQ& 
 }
 
 // out[m][t * 16 + l] = dot(w row 16 t + l, x row m) for t < NT tiles, m < MC rows.
+#if defined(__AVX512F__)
+// An NT x MC tile of 16-lane fp32 accumulators (tiles of 16 weight rows x x rows): zeroed, and
+// stored as out[m][t * 16 .. + 16].
+template <int NT, int MC> static inline void tile_zero(__m512 acc[NT][MC]) {
+    for (int t = 0; t < NT; ++t)
+        for (int m = 0; m < MC; ++m) acc[t][m] = _mm512_setzero_ps();
+}
+template <int NT, int MC>
+static inline void tile_store(__m512 acc[NT][MC], float* out, int64_t ldo) {
+    for (int t = 0; t < NT; ++t)
+        for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, acc[t][m]);
+}
+#endif
+
 // x rows [m0, m0 + MC); w, ws: the first tile's codes and scales.
 template <int NT, int MC> struct MicroQ8 {
     static inline void run(const XQ& x, int64_t m0, const uint8_t* w, const void* wsv,
@@ -458,8 +472,7 @@ template <int NT, int MC> struct MicroQ8 {
         const float* ws = (const float*)wsv;
 #if defined(__AVX512VNNI__)
         __m512 facc[NT][MC];
-        for (int t = 0; t < NT; ++t)
-            for (int m = 0; m < MC; ++m) facc[t][m] = _mm512_setzero_ps();
+        tile_zero<NT, MC>(facc);
         for (int64_t g = 0; g < G; ++g) {
             __m512i acc[NT][MC];
             for (int m = 0; m < MC; ++m) {
@@ -490,8 +503,7 @@ template <int NT, int MC> struct MicroQ8 {
                                                  _mm512_mul_ps(wsv[t], xsb), facc[t][m]);
             }
         }
-        for (int t = 0; t < NT; ++t)
-            for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, facc[t][m]);
+        tile_store<NT, MC>(facc, out, ldo);
 #else
         for (int t = 0; t < NT; ++t)
             for (int m = 0; m < MC; ++m)
@@ -550,8 +562,7 @@ template <int NT, int MC> struct MicroQ4 {
 #if defined(__AVX512VNNI__)
         const __m512i low = _mm512_set1_epi8(0x0f);
         __m512 facc[NT][MC];
-        for (int t = 0; t < NT; ++t)
-            for (int m = 0; m < MC; ++m) facc[t][m] = _mm512_setzero_ps();
+        tile_zero<NT, MC>(facc);
         for (int64_t g = 0; g < G; ++g) {
             __m512i acc[NT][MC];
             for (int t = 0; t < NT; ++t)
@@ -591,8 +602,7 @@ template <int NT, int MC> struct MicroQ4 {
                         _mm512_cvtepi32_ps(acc[t][m]), _mm512_mul_ps(dv[t], xsb), facc[t][m]));
             }
         }
-        for (int t = 0; t < NT; ++t)
-            for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, facc[t][m]);
+        tile_store<NT, MC>(facc, out, ldo);
 #else
         for (int t = 0; t < NT; ++t)
             for (int m = 0; m < MC; ++m)
@@ -626,8 +636,7 @@ template <int NT, int MC> struct MicroF32T {
         const int64_t tile = K * QT;
 #if defined(__AVX512F__)
         __m512 acc[NT][MC];
-        for (int t = 0; t < NT; ++t)
-            for (int m = 0; m < MC; ++m) acc[t][m] = _mm512_setzero_ps();
+        tile_zero<NT, MC>(acc);
         #pragma GCC unroll 4
         for (int64_t k = 0; k < K; ++k) {
             __m512 wv[NT];
@@ -640,8 +649,7 @@ template <int NT, int MC> struct MicroF32T {
                 for (int t = 0; t < NT; ++t) acc[t][m] = _mm512_fmadd_ps(xb, wv[t], acc[t][m]);
             }
         }
-        for (int t = 0; t < NT; ++t)
-            for (int m = 0; m < MC; ++m) _mm512_storeu_ps(out + m * ldo + t * QT, acc[t][m]);
+        tile_store<NT, MC>(acc, out, ldo);
 #else
         for (int t = 0; t < NT; ++t)
             for (int m = 0; m < MC; ++m)
