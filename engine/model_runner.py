@@ -17,11 +17,12 @@ logger = logging.getLogger("kvserve.engine")
 
 # Steps with at most this many tokens run the fused decoder forward (kernels/cpu.py); longer
 # ones (prefill chunks) run torch's GEMMs, which win once there are many rows per weight
-# (bench/step.py measures the crossover). With int8 weights (VNNI) the fused step stays
-# ahead of torch's bf16 GEMMs further: 78 vs 142 ms for a 128-token prompt, 168 vs 313 ms at
-# 256, 571 vs 679 ms at 512 (its attention is per query token), so up to 256.
+# (bench/step.py measures the crossover). With packed int8/int4 weights (VNNI) and the
+# tiled attention the fused step is ahead of torch's bf16 GEMMs at every chunk size
+# (SmolLM2, 2-core EPYC: 135 vs 232 ms for a 256-token chunk, 0.72 vs 1.09 s at 1024,
+# 2.19 vs 2.71 s at 2048; 1.35 vs 1.58 s for 512 tokens after 4096), so it takes them all.
 FAST_MAX_TOKENS = 64
-FAST_MAX_TOKENS_INT8 = 256
+FAST_MAX_TOKENS_PACKED = 1 << 30
 
 
 class ModelRunner:
@@ -46,14 +47,16 @@ class ModelRunner:
             raise ValueError(f"quantization={weights!r} needs the fused CPU step, which this "
                              f"model cannot use (float32/bfloat16 weights, dimensions divisible "
                              f"by 32)")
-        self.fast_max = FAST_MAX_TOKENS_INT8 if weights else FAST_MAX_TOKENS
+        self.fast_max = FAST_MAX_TOKENS_PACKED if weights else FAST_MAX_TOKENS
         fmt = ""
         if self.fast is not None:
             fmt = (f" ({'/'.join(sorted(self.fast.formats))} layers, {self.fast.head_format} head"
                    + (", x int8 activations" + ("" if cpu_kernels.has_vnni() else
                                                 " (no VNNI: slow)") if weights else "") + ")")
         logger.info("step: %s; attention: %s",
-                    f"fused CPU forward for steps of <= {self.fast_max} tokens{fmt}, torch beyond"
+                    ("fused CPU forward for every step" if weights else
+                     f"fused CPU forward for steps of <= {self.fast_max} tokens, torch beyond")
+                    + fmt
                     if self.fast else "eager torch" + (" (--enforce-eager)"
                                                        if config.enforce_eager else ""),
                     config.attention_backend)

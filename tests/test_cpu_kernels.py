@@ -53,6 +53,10 @@ CASES = [  # hq, hkv, d, block size, seq lens, query lens, window
     (16, 2, 32, 8, [2000, 10, 10], [1, 1, 10], 1500),            # a long window, 8 chunks
     (4, 2, 80, 16, [50, 17], [3, 17], None),                     # head_dim 80: 5 vectors
     (2, 1, 24, 16, [33, 70], [2, 1], None),                      # head_dim 24: a partial one
+    # prefill chunks run in tiles of query rows: few tiles split their keys in chunks
+    (9, 3, 64, 16, [2000, 64, 5], [20, 64, 1], None),            # 4 key chunks; a full tile
+    (2, 1, 24, 8, [300], [40], 50),                              # head_dim 24, window, 2 tiles
+    (8, 2, 128, 16, [1500], [100], 1000),                        # head_dim 128, window
 ]
 
 

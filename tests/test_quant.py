@@ -182,7 +182,7 @@ def test_smollm2_q4_1_groups_reproduced(smollm):
 @pytest.mark.parametrize("head", ["bf16", "int4"])
 def test_smollm2_int4_matches_its_dequantized_reference(smollm, int4, bf16, head):
     """The int4 engine's logits are those of a bf16 model with the dequantized weights (up to
-    bf16 activation noise, ~bf16 vs fp32): the kernels, the reshapes and the lm_head hook add
+    bf16 activation noise, ~bf16 vs fp32, and near-ties): the kernels, the reshapes and the lm_head hook add
     nothing. head="int4": a tied head's int4 copy through compute_logits."""
     fp32 = smollm.engine.runner.model
     ref = bf16_engine(int4.engine, dequantized(fp32, lm_head=head))
@@ -198,7 +198,14 @@ def test_smollm2_int4_matches_its_dequantized_reference(smollm, int4, bf16, head
         agree16, kl16, _ = compare(logits, engine_logits(bf16, ids))
         print(f"\n{head} head, {len(ids)} tokens: vs dequantized reference top-1 {agree:.3f}, "
               f"KL {kl:.5f}, max |dlogit| {diff:.2f}; vs bf16 top-1 {agree16:.3f}, KL {kl16:.4f}")
-        assert agree >= 0.95 and kl < 0.005
+        # bf16 logits near 20 are 0.125 apart: exact ties are common, and another order of a
+        # sum flips them. Every flip must be a near-tie of the reference.
+        ref_logits = engine_logits(ref, ids).float()
+        top2 = ref_logits.topk(2, dim=-1).values
+        flips = logits.float().argmax(-1) != ref_logits.argmax(-1)
+        margins = (top2[:, 0] - top2[:, 1])[flips]
+        assert agree >= 0.9 and kl < 0.005
+        assert (margins <= 0.5).all(), f"a flip where the reference was sure: {margins.tolist()}"
 
 
 def test_smollm2_int4_close_to_bf16(smollm, int4, bf16):

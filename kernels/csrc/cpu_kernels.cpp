@@ -977,32 +977,262 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
     for (int64_t g = 0; g < G; ++g) { part[g * (2 + D)] = m[g]; part[g * (2 + D) + 1] = l[g]; }
 }
 
-// Builds the work list: for every query token its visible key range [lo, hi), in chunks.
-static void attn_items(const AttnArgs& a, std::vector<Item>& items, std::vector<int32_t>& first) {
-    items.clear();
-    first.assign(a.num_tokens + 1, 0);
-    for (int64_t s = 0; s < a.num_seqs; ++s) {
-        const int32_t q0 = a.cu_q[s], q1 = a.cu_q[s + 1], L = a.seq_lens[s];
-        for (int32_t t = q0; t < q1; ++t) {
-            const int64_t p = L - (q1 - q0) + (t - q0);     // position of this query
-            int64_t lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
-            const int64_t hi = p + 1;
-            first[t] = (int32_t)items.size();
-            for (int64_t c = lo; c < hi; c += CHUNK)
-                items.push_back({t, (int32_t)s, (int32_t)((c - lo) / CHUNK), (int32_t)c,
-                                 (int32_t)std::min(hi, c + CHUNK)});
-        }
-    }
-    first[a.num_tokens] = (int32_t)items.size();
+// A sequence with many query tokens (a prefill chunk) is scored in tiles: up to TROWS rows
+// (query tokens x the G heads sharing a KV head) against blocks of KB keys. The tile's
+// queries are transposed once so that a key's scores for 16 rows are one vector (no
+// horizontal sums), each key block is converted once for all rows, and the softmax runs
+// down the lanes. Sequences with few query rows (decode) keep the per-token items above.
+static const int TROWS = 48;          // rows per tile: three vectors
+static const int64_t TCHUNK = 512;    // keys per tile item when there are few tiles
+
+struct TItem { int32_t seq, tok0, ntok, lo, hi; int64_t part; };  // part: float offset
+struct Ref { int64_t off, hstride; };  // one key chunk's partial rows of a token: head h at
+                                       // part + off + h * hstride, G rows of 2 + D floats
+
+struct AttnPlan {
+    std::vector<Item> items;      // per-token work
+    std::vector<TItem> tiles;     // tiled work
+    std::vector<Ref> refs;        // per token, its chunks' partials
+    std::vector<int32_t> rfirst;  // [T + 1] into refs
+    int64_t part_size = 1;        // floats
+};
+
+static inline int64_t query_pos(int32_t L, int32_t q0, int32_t q1, int64_t t) {
+    return L - (q1 - q0) + (t - q0);
 }
 
+// For every query token its visible key range [lo, hi), in chunks, and where each chunk's
+// partial result lives.
+static void attn_plan(const AttnArgs& a, int nthreads, AttnPlan& pl) {
+    const int64_t G = a.hq / a.hkv, per = G * (2 + a.d);
+    pl.items.clear(); pl.tiles.clear(); pl.refs.clear();
+    pl.rfirst.assign(a.num_tokens + 1, 0);
+#if defined(__AVX512F__)
+    const int64_t ntok_tile = TROWS / G;
+    auto tiled = [&](int64_t s) { return (a.cu_q[s + 1] - a.cu_q[s]) * G >= 16; };
+    int64_t ntiles = 0;
+    for (int64_t s = 0; s < a.num_seqs; ++s)
+        if (tiled(s)) ntiles += (a.cu_q[s + 1] - a.cu_q[s] + ntok_tile - 1) / ntok_tile;
+    // Enough tiles keep every thread busy; few (one short chunk) split their keys too.
+    const int64_t tchunk = ntiles * a.hkv >= 4 * nthreads ? INT32_MAX : TCHUNK;
+#else
+    auto tiled = [&](int64_t) { return false; };
+    const int64_t ntok_tile = 1, tchunk = 0;
+#endif
+    std::vector<std::pair<int64_t, int64_t>> tile_span;  // per sequence: tiles [first, end)
+    tile_span.assign(a.num_seqs, {0, 0});
+    for (int64_t s = 0; s < a.num_seqs; ++s) {
+        const int32_t q0 = a.cu_q[s], q1 = a.cu_q[s + 1], L = a.seq_lens[s];
+        if (tiled(s)) {
+            tile_span[s].first = (int64_t)pl.tiles.size();
+            for (int32_t t0 = q0; t0 < q1; t0 += (int32_t)ntok_tile) {
+                const int32_t t1 = (int32_t)std::min<int64_t>(q1, t0 + ntok_tile);
+                const int64_t p0 = query_pos(L, q0, q1, t0), p1 = query_pos(L, q0, q1, t1 - 1);
+                const int64_t lo = a.window > 0 ? std::max<int64_t>(0, p0 - a.window + 1) : 0;
+                for (int64_t c = lo; c <= p1; c += tchunk)
+                    pl.tiles.push_back({(int32_t)s, t0, t1 - t0, (int32_t)c,
+                                        (int32_t)std::min<int64_t>(p1 + 1, c + tchunk), 0});
+            }
+            tile_span[s].second = (int64_t)pl.tiles.size();
+            continue;
+        }
+        for (int32_t t = q0; t < q1; ++t) {
+            const int64_t p = query_pos(L, q0, q1, t);
+            const int64_t lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
+            for (int64_t c = lo; c < p + 1; c += CHUNK)
+                pl.items.push_back({t, (int32_t)s, (int32_t)((c - lo) / CHUNK), (int32_t)c,
+                                    (int32_t)std::min<int64_t>(p + 1, c + CHUNK)});
+        }
+    }
+    int64_t off = (int64_t)pl.items.size() * a.hkv * per;
+    for (TItem& ti : pl.tiles) { ti.part = off; off += a.hkv * ti.ntok * per; }
+    pl.part_size = std::max<int64_t>(1, off);
+    // refs, token by token (items and tiles are both in token order)
+    size_t i = 0;
+    for (int64_t s = 0; s < a.num_seqs; ++s) {
+        for (int32_t t = a.cu_q[s]; t < a.cu_q[s + 1]; ++t) {
+            pl.rfirst[t] = (int32_t)pl.refs.size();
+            if (tiled(s)) {
+                for (int64_t k = tile_span[s].first; k < tile_span[s].second; ++k) {
+                    const TItem& ti = pl.tiles[k];
+                    if (t >= ti.tok0 && t < ti.tok0 + ti.ntok)
+                        pl.refs.push_back({ti.part + (t - ti.tok0) * per, ti.ntok * per});
+                }
+            } else {
+                for (; i < pl.items.size() && pl.items[i].tok == t; ++i)
+                    pl.refs.push_back({(int64_t)i * a.hkv * per, per});
+            }
+        }
+    }
+    pl.rfirst[a.num_tokens] = (int32_t)pl.refs.size();
+    (void)ntok_tile;
+}
+
+#if defined(__AVX512F__)
+// scores[j][rows] = sum_d qt[d][rows] * k[j][d] for the block's KB keys, NR row vectors.
+template <int NR>
+static inline void tile_qk(const float (*qt)[TROWS], const float (*kb)[256], int64_t D,
+                           float (*sc)[TROWS]) {
+    for (int j0 = 0; j0 < KB; j0 += 4) {
+        __m512 s[4][NR];
+        for (int jj = 0; jj < 4; ++jj)
+            for (int r = 0; r < NR; ++r) s[jj][r] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; ++d) {
+            __m512 q[NR];
+            for (int r = 0; r < NR; ++r) q[r] = _mm512_load_ps(qt[d] + r * 16);
+            for (int jj = 0; jj < 4; ++jj) {
+                const __m512 k = _mm512_set1_ps(kb[j0 + jj][d]);
+                for (int r = 0; r < NR; ++r) s[jj][r] = _mm512_fmadd_ps(q[r], k, s[jj][r]);
+            }
+        }
+        for (int jj = 0; jj < 4; ++jj)
+            for (int r = 0; r < NR; ++r) _mm512_store_ps(sc[j0 + jj] + r * 16, s[jj][r]);
+    }
+}
+
+// acc[r] = acc[r] * c[r] + sum_j p[j][r] * v[j] for RR rows from r0; head_dim 16 NV.
+template <int NV, int RR>
+static inline void tile_pv(float* acc, int64_t ld, const float* c, const float (*pr)[TROWS],
+                           int r0, const float (*vb)[256], int nk) {
+    __m512 a[RR][NV];
+    for (int rr = 0; rr < RR; ++rr) {
+        const __m512 cr = _mm512_set1_ps(c[r0 + rr]);
+        for (int i = 0; i < NV; ++i)
+            a[rr][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + (r0 + rr) * ld + i * 16), cr);
+    }
+    for (int j = 0; j < nk; ++j)
+        for (int i = 0; i < NV; ++i) {
+            const __m512 v = _mm512_load_ps(vb[j] + i * 16);
+            for (int rr = 0; rr < RR; ++rr)
+                a[rr][i] = _mm512_fmadd_ps(_mm512_set1_ps(pr[j][r0 + rr]), v, a[rr][i]);
+        }
+    for (int rr = 0; rr < RR; ++rr)
+        for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + (r0 + rr) * ld + i * 16, a[rr][i]);
+}
+
+// One tile item for KV head h: its rows' m, l and unnormalized V sums over keys [lo, hi)
+// into part (rows of 2 + D floats, token-major then head).
 template <typename T>
-static void attention_body(Pool& p, const AttnArgs& a, const std::vector<Item>& items,
-                           const std::vector<int32_t>& first, float* part) {
+static void attn_tile(const AttnArgs& a, const TItem& it, int64_t h, float* part) {
+    const int64_t G = a.hq / a.hkv, D = a.d, ld = 2 + D, R = it.ntok * G;
+    const int NR = (int)((R + 15) / 16);
+    const T* kc = (const T*)a.k_cache;
+    const T* vc = (const T*)a.v_cache;
+    const int32_t* table = a.block_tables + (int64_t)it.seq * a.max_blocks;
+    const int32_t q0 = a.cu_q[it.seq], q1 = a.cu_q[it.seq + 1], L = a.seq_lens[it.seq];
+    alignas(64) float qt[256][TROWS];
+    alignas(64) int32_t pos[TROWS];
+    for (int r = 0; r < TROWS; ++r) {
+        const int64_t t = it.tok0 + r / G;
+        pos[r] = r < R ? (int32_t)query_pos(L, q0, q1, t) : -1;  // -1: a padding row sees nothing
+        if (r < R) {
+            const float* qp = a.q + t * a.q_stride + (h * G + r % G) * D;
+            for (int64_t d = 0; d < D; ++d) qt[d][r] = qp[d] * a.scale;
+        } else {
+            for (int64_t d = 0; d < D; ++d) qt[d][r] = 0.f;
+        }
+        if (r < R) std::memset(part + r * ld + 2, 0, sizeof(float) * D);
+    }
+    const int32_t pmin = pos[0], pmax = pos[R - 1];
+    __m512 mv[3], lv[3], posv[3];
+    for (int r = 0; r < 3; ++r) {
+        mv[r] = _mm512_set1_ps(-INFINITY);
+        lv[r] = _mm512_setzero_ps();
+        posv[r] = _mm512_castsi512_ps(_mm512_load_si512(pos + r * 16));
+    }
+    const int64_t nv = (D + 15) / 16;
+    const __mmask16 tail = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffff);
+    alignas(64) float kb[KB][256], vb[KB][256], sc[KB][TROWS], pr[KB][TROWS], cs[TROWS];
+    std::memset(kb, 0, sizeof(kb));
+    std::memset(vb, 0, sizeof(vb));
+    for (int64_t j0 = it.lo; j0 < it.hi; j0 += KB) {
+        const int nk = (int)std::min<int64_t>(KB, it.hi - j0);
+        for (int jj = 0; jj < nk; ++jj) {
+            const int64_t j = j0 + jj;
+            const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
+            const int64_t row = (slot * a.hkv + h) * D;
+            for (int64_t v = 0; v < nv; ++v) {
+                const __mmask16 mk = v + 1 < nv ? 0xffff : tail;
+                _mm512_store_ps(kb[jj] + v * 16, load16<T>(kc + row + v * 16, mk));
+                _mm512_store_ps(vb[jj] + v * 16, load16<T>(vc + row + v * 16, mk));
+            }
+        }
+        if (NR == 1) tile_qk<1>(qt, kb, D, sc);
+        else if (NR == 2) tile_qk<2>(qt, kb, D, sc);
+        else tile_qk<3>(qt, kb, D, sc);
+        // Every row sees every key of the block unless it crosses a row's diagonal or
+        // window edge, or is the range's last, partial block.
+        const bool full = nk == KB && j0 + KB - 1 <= pmin &&
+                          (a.window <= 0 || j0 >= (int64_t)pmax - a.window + 1);
+        for (int r = 0; r < NR; ++r) {
+            const __m512i pv = _mm512_castps_si512(posv[r]);
+            __m512 s[KB];
+            __m512 bm = mv[r];
+            for (int jj = 0; jj < KB; ++jj) {
+                s[jj] = _mm512_load_ps(sc[jj] + r * 16);
+                if (!full) {
+                    const __m512i j = _mm512_set1_epi32((int32_t)(j0 + jj));
+                    __mmask16 vis = jj < nk ? _mm512_cmpge_epi32_mask(pv, j) : 0;
+                    if (a.window > 0)
+                        vis &= _mm512_cmplt_epi32_mask(
+                            pv, _mm512_add_epi32(j, _mm512_set1_epi32((int32_t)a.window)));
+                    s[jj] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, s[jj]);
+                }
+                bm = _mm512_max_ps(bm, s[jj]);
+            }
+            // a row that has seen no key yet keeps m = -inf: subtract 0 instead (exps of
+            // -inf are 0, never NaN)
+            const __mmask16 none = _mm512_cmp_ps_mask(bm, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+            const __m512 ms = _mm512_mask_mov_ps(bm, none, _mm512_setzero_ps());
+            const __m512 c = exp16(_mm512_sub_ps(mv[r], ms));
+            __m512 l = _mm512_mul_ps(lv[r], c);
+            for (int jj = 0; jj < KB; ++jj) {
+                const __m512 e = exp16(_mm512_sub_ps(s[jj], ms));
+                l = _mm512_add_ps(l, e);
+                _mm512_store_ps(pr[jj] + r * 16, e);
+            }
+            lv[r] = l;
+            mv[r] = bm;
+            _mm512_store_ps(cs + r * 16, c);
+        }
+        float* acc = part + 2;
+        int r = 0;
+        if (nv == 4 && tail == 0xffff) {
+            for (; r + 2 <= R; r += 2) tile_pv<4, 2>(acc, ld, cs, pr, r, vb, nk);
+            for (; r < R; ++r) tile_pv<4, 1>(acc, ld, cs, pr, r, vb, nk);
+        } else if (nv == 8 && tail == 0xffff) {
+            for (; r < R; ++r) tile_pv<8, 1>(acc, ld, cs, pr, r, vb, nk);
+        }
+        for (; r < R; ++r)
+            for (int64_t v = 0; v < nv; ++v) {
+                const __mmask16 mk = v + 1 < nv ? 0xffff : tail;
+                __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, acc + r * ld + v * 16),
+                                         _mm512_set1_ps(cs[r]));
+                for (int jj = 0; jj < nk; ++jj)
+                    x = _mm512_fmadd_ps(_mm512_set1_ps(pr[jj][r]), _mm512_load_ps(vb[jj] + v * 16), x);
+                _mm512_mask_storeu_ps(acc + r * ld + v * 16, mk, x);
+            }
+    }
+    alignas(64) float mf[TROWS], lf[TROWS];
+    for (int r = 0; r < 3; ++r) { _mm512_store_ps(mf + r * 16, mv[r]); _mm512_store_ps(lf + r * 16, lv[r]); }
+    for (int64_t r = 0; r < R; ++r) { part[r * ld] = mf[r]; part[r * ld + 1] = lf[r]; }
+}
+#endif
+
+template <typename T>
+static void attention_body(Pool& p, const AttnArgs& a, const AttnPlan& pl, float* part) {
     const int64_t G = a.hq / a.hkv, D = a.d, per = G * (2 + D);
-    parallel_for(p, (int64_t)items.size() * a.hkv, [&](int64_t w) {
+    const int64_t ni = (int64_t)pl.items.size();
+    parallel_for(p, (ni + (int64_t)pl.tiles.size()) * a.hkv, [&](int64_t w) {
         const int64_t i = w / a.hkv, h = w % a.hkv;
-        attn_item<T>(a, items[i], h, part + (i * a.hkv + h) * per);
+        if (i < ni) {
+            attn_item<T>(a, pl.items[i], h, part + (i * a.hkv + h) * per);
+            return;
+        }
+#if defined(__AVX512F__)
+        const TItem& ti = pl.tiles[i - ni];
+        attn_tile<T>(a, ti, h, part + ti.part + h * ti.ntok * per);
+#endif
     });
     // Merge each token's key chunks (one chunk for all but long sequences).
     parallel_for(p, a.num_tokens * a.hkv, [&](int64_t w) {
@@ -1010,12 +1240,15 @@ static void attention_body(Pool& p, const AttnArgs& a, const std::vector<Item>& 
         T* out = (T*)a.out;
         for (int64_t g = 0; g < G; ++g) {
             float M = -INFINITY;
-            for (int32_t i = first[t]; i < first[t + 1]; ++i)
-                M = std::max(M, part[(i * a.hkv + h) * per + g * (2 + D)]);
+            for (int32_t i = pl.rfirst[t]; i < pl.rfirst[t + 1]; ++i) {
+                const Ref& r = pl.refs[i];
+                M = std::max(M, part[r.off + h * r.hstride + g * (2 + D)]);
+            }
             float L = 0.f, acc[256];
             for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-            for (int32_t i = first[t]; i < first[t + 1]; ++i) {
-                const float* pp = part + (i * a.hkv + h) * per + g * (2 + D);
+            for (int32_t i = pl.rfirst[t]; i < pl.rfirst[t + 1]; ++i) {
+                const Ref& r = pl.refs[i];
+                const float* pp = part + r.off + h * r.hstride + g * (2 + D);
                 if (pp[1] == 0.f) continue;
                 const float c = std::exp(pp[0] - M);
                 L += pp[1] * c;
@@ -1031,12 +1264,10 @@ static void attention_body(Pool& p, const AttnArgs& a, const std::vector<Item>& 
 template <typename T>
 static int attention(Pool& p, const AttnArgs& a) {
     if (a.d > 256 || a.hq / a.hkv > MAXG) return 1;
-    std::vector<Item> items;
-    std::vector<int32_t> first;
-    attn_items(a, items, first);
-    const int64_t per = (a.hq / a.hkv) * (2 + a.d);
-    std::vector<float> part(std::max<size_t>(1, items.size() * a.hkv * per));
-    attention_body<T>(p, a, items, first, part.data());
+    AttnPlan pl;
+    attn_plan(a, p.nthreads, pl);
+    std::vector<float> part(pl.part_size);
+    attention_body<T>(p, a, pl, part.data());
     return 0;
 }
 
@@ -1100,8 +1331,7 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
     a.num_seqs = num_seqs; a.num_tokens = M; a.hq = HQ; a.hkv = HKV; a.d = D; a.block_size = B;
     a.scale = 1.f / std::sqrt((float)D); a.out = h.data(); a.out_stride = HQ * D;
     // The key ranges depend on the window, which may differ per layer (Mistral/Qwen2 mixes).
-    std::vector<Item> items;
-    std::vector<int32_t> first;
+    AttnPlan plan;
     std::vector<float> part;
     int64_t items_window = -1;
     for (int64_t i = 0; i < M * H; ++i) resid[i] = ld<T>(x_in, i);
@@ -1109,8 +1339,8 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         const int64_t* P = layer_ptrs[l];
         a.window = windows[l];
         if (a.window != items_window) {
-            attn_items(a, items, first);
-            part.resize(std::max<size_t>(1, items.size() * HKV * (HQ / HKV) * (2 + D)));
+            attn_plan(a, p.nthreads, plan);
+            part.resize(plan.part_size);
             items_window = a.window;
         }
         a.k_cache = (const void*)P[P_KCACHE];
@@ -1139,7 +1369,7 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
             }
         }
         // The K/V just stored are read back through the cache (as T), like every key.
-        attention_body<T>(p, a, items, first, part.data());
+        attention_body<T>(p, a, plan, part.data());
         linear<T>(p, h.data(), {(const void*)P[P_WO], (const void*)P[P_SO], P[P_FO]}, (const T*)nullptr,
                   resid.data(), M, H, HQ * D,
                   H, OUT_ADD_F32);
