@@ -50,6 +50,15 @@ class ModelConfig:
         windows = set(self.layer_windows)
         return windows.pop() if len(windows) == 1 else None
 
+    def attention_span(self, attention_cost: float = 1.0) -> float:
+        """Keys whose attention costs a token as much as its linear layers: those are
+        H(Hq + 2Hkv)D + HqDH + 3HI multiply-adds per layer, attention 2HqD per key (QK and
+        PV). attention_cost: the time of an attention multiply-add over a GEMM's."""
+        h, d = self.hidden_size, self.head_dim
+        linear = (h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+                  + 3 * h * self.intermediate_size)
+        return linear / (2 * self.num_heads * d) / attention_cost
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         # The lecture's formula: 2 (K and V) x head_dim x n_kv_heads x n_layers x bytes.
         return 2 * self.head_dim * self.num_kv_heads * self.num_layers * dtype.itemsize
@@ -155,6 +164,7 @@ class EngineConfig:
     num_kv_blocks: int = 0            # resolved capacity (blocks)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    prefill_chunk: int = 512          # prompt tokens per step beside decodes (0: no limit)
     max_model_len: int = 2048
     enable_prefix_caching: bool = True
     attention_backend: str = "torch"  # resolved: "torch" | "cpu" | "triton"
@@ -166,6 +176,8 @@ class EngineConfig:
                      "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: no limit), got {self.prefill_chunk}")
         if self.attention_backend not in ("torch", "cpu", "triton"):
             raise ValueError(f"attention_backend must be torch, cpu, triton or auto, "
                              f"got {self.attention_backend!r}")

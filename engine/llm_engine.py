@@ -26,6 +26,11 @@ from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer, load_tokenizer
 from kernels import cpu as cpu_kernels
 
+# The time of an attention multiply-add over a GEMM's, for the scheduler's prompt chunks
+# beside decodes (engine/scheduler.py). CPU: kvserve's tiled attention runs ~125 GFLOP/s
+# against ~400 for the fused step's packed GEMMs on a 2-core EPYC (SmolLM2; bench/RESULTS.md).
+ATTENTION_COST = {"cpu": 3.0, "cuda": 1.0}
+
 logger = logging.getLogger("kvserve.engine")
 
 
@@ -52,7 +57,9 @@ class LLMEngine:
         self.kv = KVCacheManager(config.num_kv_blocks, config.block_size,
                                  sliding_window=config.model.sliding_window,
                                  enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.prefill_chunk,
+            config.model.attention_span(ATTENTION_COST[config.device.type]))
         self.requests: dict[str, _Request] = {}
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -93,7 +100,8 @@ class LLMEngine:
     def from_args(cls, model: str | None = None, dtype: str | torch.dtype = "auto",
                   device: str = "auto", block_size: int = 16, num_kv_blocks: int | None = None,
                   max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                  prefill_chunk: int = 512, max_model_len: int | None = None,
+                  enable_prefix_caching: bool = True,
                   attention_backend: str = "auto", load_format: str = "auto",
                   kv_cache_memory: int | str | None = None, seed: int = 0,
                   quantization: str | None = None, enforce_eager: bool = False) -> "LLMEngine":
@@ -165,6 +173,7 @@ class LLMEngine:
         config = EngineConfig(model=model_cfg, dtype=dt, device=dev, block_size=block_size,
                               num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
+                              prefill_chunk=prefill_chunk,
                               max_model_len=max_model_len,
                               enable_prefix_caching=enable_prefix_caching,
                               attention_backend=attention_backend,

@@ -4,9 +4,17 @@ There is no prefill or decode phase: a sequence has `num_computed_tokens` out of
 `num_tokens`, and each step it gets up to the remaining count (decode = 1, prefill = a
 chunk).  Running sequences go first; waiting ones are admitted with what budget is left.
 When blocks run out the newest running sequence is preempted by recompute.
+
+While any running sequence is generating, the prompts computed in the same step share a
+smaller budget, `prefill_chunk`, counted in token-equivalents: a prompt token after s earlier
+ones costs 1 + s / attention_span (its attention grows with s, its linear layers do not). So a
+long prompt is fed in chunks that shrink as it grows, and each step, hence every stream's
+inter-token latency, stays about as long as a step of prefill_chunk tokens at a prompt's start.
+With nobody generating, prompts get the whole max_num_batched_tokens.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -35,11 +43,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_chunk: int = 0, attention_span: float = math.inf):
         self.kv = kv  # the admission watermark applies only while others run, else a prompt
         # that fits the empty pool would wait forever
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        if prefill_chunk < 0 or not attention_span > 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: no limit) and attention_span > 0, "
+                             f"got {prefill_chunk} and {attention_span}")
+        self.prefill_chunk = prefill_chunk
+        self.attention_span = attention_span
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -56,12 +70,18 @@ class Scheduler:
         if self.kv.sliding_window is not None:
             for seq in self.running:  # also those the budget does not reach this step
                 self.kv.evict_out_of_window(seq)
+        # prompts' share of a step that also generates (module docstring)
+        self._prefill_left = math.inf
+        if self.prefill_chunk and any(s.num_tokens - s.num_computed_tokens == 1
+                                      for s in self.running):
+            self._prefill_left = float(self.prefill_chunk)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            want = self._prefill_share(seq, seq.num_computed_tokens,
+                                       min(seq.num_tokens - seq.num_computed_tokens, budget))
             if want == 0:  # a beam waiting for its siblings to catch up: nothing to compute
-                i += 1
+                i += 1     # (or a prompt whose share of this step is spent)
                 continue
             # a prefill chunk shrinks to the free blocks; with none, preempt the newest
             while (n := min(want, self.kv.max_new_tokens(seq))) == 0:
@@ -74,6 +94,7 @@ class Scheduler:
                 self.kv.allocate(seq, n)
                 out.add(seq, n)
                 budget -= n
+                self._spend(seq.num_computed_tokens, n)
                 i += 1
         if not out.preempted:  # else no room for newcomers this step
             self._admit(out, budget)
@@ -96,7 +117,9 @@ class Scheduler:
                 break
             hits = self.kv.match_prefix(seq)
             cached = len(hits) * bs
-            n = min(seq.num_tokens - cached, budget)
+            n = self._prefill_share(seq, cached, min(seq.num_tokens - cached, budget))
+            if n == 0:
+                break
             if self.running:
                 growth = self.kv.window_growth(seq, self.kv.blocks_held(cached, n))
                 if n > self.kv.max_new_tokens(seq, True, hits, reserve + growth):
@@ -115,7 +138,27 @@ class Scheduler:
             self.running.append(seq)
             out.add(seq, n)
             budget -= n
+            self._spend(cached, n)
             seats += width
+
+    def _token_cost(self, start: int) -> float:
+        """Cost of a prompt token after `start` others, in tokens at a prompt's start."""
+        window = self.kv.sliding_window
+        return 1.0 + (start if window is None else min(start, window)) / self.attention_span
+
+    def _prefill_share(self, seq: Sequence, start: int, want: int) -> int:
+        """How many of `want` prompt tokens from `start` fit what is left of this step's
+        prompt share; the first prompt of a step always gets at least one."""
+        if want <= 1 or self._prefill_left == math.inf:
+            return want
+        fits = int(self._prefill_left / self._token_cost(start))
+        if self._prefill_left == self.prefill_chunk:
+            fits = max(fits, 1)
+        return min(want, fits)
+
+    def _spend(self, start: int, n: int) -> None:
+        if n > 1 and self._prefill_left != math.inf:
+            self._prefill_left = max(0.0, self._prefill_left - n * self._token_cost(start))
 
     @staticmethod
     def seats(seqs) -> int:

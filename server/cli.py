@@ -18,6 +18,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=None, help="KV budget, e.g. 2GiB")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="while any stream is generating, prompts get this many tokens per step "
+                        "between them, fewer deep into a long prompt (its attention costs "
+                        "more), so other streams keep their pace; 0: no limit (default 512)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -38,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                 kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
+                prefill_chunk=args.prefill_chunk,
                 max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                 load_format=args.load_format, quantization=args.quantization,
                 enforce_eager=args.enforce_eager)

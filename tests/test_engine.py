@@ -170,3 +170,24 @@ def test_forks_never_exceed_max_num_seqs(tiny_dir, fork):
         else SamplingParams(n=5)
     with pytest.raises(ValueError, match="beam_width|n "):
         engine.add_request("x", [1, 2], too_wide)
+
+
+def test_a_long_prompt_does_not_stall_a_generating_stream(tiny_dir):
+    """A 400-token prompt that arrives while a stream generates is fed over several steps
+    (prefill_chunk token-equivalents each), each of which gives the stream its next token (it
+    used to be one 400-token step: on a real model, seconds without a token for everyone)."""
+    assert LLMEngine.from_args(model=tiny_dir, device="cpu",
+                               num_kv_blocks=8).config.prefill_chunk == 512
+    engine = LLMEngine.from_args(model=tiny_dir, dtype="float32", device="cpu",
+                                 num_kv_blocks=64, prefill_chunk=128)
+    engine.add_request("gen", [1, 2, 3], SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    engine.add_request("long", list(range(5, 405)), SamplingParams(max_tokens=1, ignore_eos=True))
+    steps = 0
+    while "long" in engine.requests:
+        outs = {o.request_id: o for o in engine.step()}
+        steps += 1
+        assert "gen" in outs and len(outs["gen"].outputs[0].token_ids) == steps + 1
+    assert steps >= 4
+    engine.abort_request("gen")
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable

@@ -18,10 +18,10 @@ class Sim:
     """A scheduler plus the engine's bookkeeping, with a fake sampler."""
 
     def __init__(self, *, num_blocks=64, block_size=4, max_num_seqs=8,
-                 max_num_batched_tokens=8, watermark=0.0):
+                 max_num_batched_tokens=8, watermark=0.0, **chunking):
         self.kv = KVCacheManager(num_blocks, block_size, watermark)
         self.pool = self.kv.pool
-        self.sched = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
+        self.sched = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, **chunking)
         self.seqs: list[Sequence] = []
         self.targets: dict[int, int] = {}
         self.sampled: list[Sequence] = []  # who sampled in the last step
@@ -168,6 +168,48 @@ def test_mixed_step_shares_budget_between_decode_and_prefill_chunk():
     assert set(sim.sampled) == {d, p} and p.is_finished
     sim.run()
     sim.assert_all_done()
+
+
+def test_beside_decodes_prompts_share_prefill_chunk_and_it_shrinks_deep_into_a_prompt():
+    """While a stream generates, a long prompt gets prefill_chunk token-equivalents per step
+    (a token after s others costs 1 + s / attention_span), so every step stays short and the
+    stream gets a token each step; alone, a prompt gets the whole budget."""
+    sim = Sim(num_blocks=200, max_num_batched_tokens=64, prefill_chunk=8, attention_span=16)
+    d = sim.add(prompt_len=4, max_tokens=200)
+    sim.step()
+    p = sim.add(prompt_len=100, max_tokens=1)
+    chunks = []
+    while p not in sim.sampled:
+        start = p.num_computed_tokens
+        out = sim.step()
+        assert scheduled(out)[d] == 1 and d in sim.sampled  # the stream never waits
+        n = scheduled(out)[p]
+        assert n * (1 + start / 16) <= 8 or n == 1
+        assert n == min(100 - start, max(1, int(8 / (1 + start / 16))))  # and uses its share
+        chunks.append(n)
+    assert chunks[0] == 8 and chunks[-1] == 1 and sum(chunks) == 100
+    assert chunks == sorted(chunks, reverse=True)
+    sim.run()
+    q = sim.add(prompt_len=100, max_tokens=1)  # nobody generating: the whole budget
+    assert scheduled(sim.step()) == {q: 64}
+    sim.run()
+    sim.assert_all_done()
+
+
+def test_new_prompts_beside_decodes_split_one_prefill_chunk():
+    sim = Sim(num_blocks=200, max_num_batched_tokens=64, prefill_chunk=8)
+    d = sim.add(prompt_len=4, max_tokens=30)
+    sim.step()
+    a, b, c = (sim.add(prompt_len=6, max_tokens=2) for _ in range(3))
+    out = sim.step()
+    assert scheduled(out) == {d: 1, a: 6, b: 2}  # c waits for the next step
+    assert c.status is SequenceStatus.WAITING
+    out = sim.step()
+    assert scheduled(out) == {d: 1, a: 1, b: 4, c: 4}  # a decodes; b and c share the chunk
+    sim.run()
+    sim.assert_all_done()
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Scheduler(sim.kv, 8, 8, prefill_chunk=-1)
 
 
 # ----------------------------------------------------------------- preemption
