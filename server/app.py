@@ -84,8 +84,10 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 class _BodyLimit:
     """413 in OpenAI's error shape for a body over `limit` bytes: at once from Content-Length;
     a body without one (chunked) is read here up to the limit first (the handler would read
-    it whole anyway) and replayed to the app.  Plain ASGI, like _BearerAuth, so handlers
-    still see disconnects."""
+    it whole anyway) and replayed to the app. A body in UTF-16 or UTF-32 (which Python's
+    json would decode) is a 400: JSON between systems is UTF-8 (RFC 8259, 8.1), and a client
+    that sends anything else is better told than guessed for. Plain ASGI, like _BearerAuth,
+    so handlers still see disconnects."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -94,12 +96,10 @@ class _BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > self.limit:
-                return await self._too_large(scope, receive, send)
-            return await self.app(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._too_large(scope, receive, send)
         parts, seen = [], 0
-        while True:
+        while True:  # all of a chunked body; the first message of a sized one
             message = await receive()
             if message["type"] != "http.request":  # the client left before the body ended
                 return
@@ -107,15 +107,21 @@ class _BodyLimit:
             seen += len(parts[-1])
             if seen > self.limit:
                 return await self._too_large(scope, receive, send)
-            if not message.get("more_body", False):
+            if length is not None or not message.get("more_body", False):
                 break
+        head = b"".join(parts)
+        if len(head) >= 2 and json.detect_encoding(head[:4]) not in ("utf-8", "utf-8-sig"):
+            return await error_response(
+                400, f"the request body is {json.detect_encoding(head[:4]).upper()}; JSON "
+                     f"must be UTF-8")(scope, receive, send)
         replayed = False
+        more = message.get("more_body", False)
 
         async def replay():
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+                return {"type": "http.request", "body": head, "more_body": more}
             return await receive()
         await self.app(scope, replay, send)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                disable_created_metrics, generate_latest)
 
 # no `*_created` series beside every counter and histogram (vLLM turns them off too)
@@ -32,6 +32,9 @@ def _token_buckets(max_len: int) -> list[float]:
 class Metrics:
     def __init__(self, model_name: str, max_model_len: int):
         self.registry = r = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux), as on
+        # vLLM's /metrics: a memory leak shows from outside (bench/soak.py reads it)
+        ProcessCollector(registry=r)
         labels = ["model_name"]
         self.labels = {"model_name": model_name}
         tokens = _token_buckets(max_model_len)

@@ -646,6 +646,24 @@ def test_metrics_tell_used_from_cached_blocks(client):
     assert blocks["cached_free"] >= 2, blocks
     assert blocks["used"] + blocks["cached_free"] + blocks["free"] == blocks["total"] > 0
     assert m["kvserve:kv_cache_usage_perc"] == 0
+    # the process's own memory, as vLLM's /metrics has it (a leak shows from outside)
+    rss = [float(line.split()[1]) for line in client.get("/metrics").text.splitlines()
+           if line.startswith("process_resident_memory_bytes ")]
+    assert len(rss) == 1 and rss[0] > 100 * 2**20  # torch and a model are loaded
+
+
+def test_a_body_that_is_not_utf8_is_a_400(client):
+    """Python's json would read UTF-16/32 bodies; JSON between systems is UTF-8 (RFC 8259),
+    so they are refused with a message saying so. UTF-8 with a BOM is still read."""
+    body = {"prompt": "Hello", "max_tokens": 1}
+    for enc in ("utf-16", "utf-16-le", "utf-32"):
+        r = client.post("/v1/completions", content=json.dumps(body).encode(enc),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 400, (enc, r.text[:200])
+        assert "must be UTF-8" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=json.dumps(body).encode("utf-8-sig"),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text[:200]
 
 
 def test_request_body_over_the_limit_is_413(client):
