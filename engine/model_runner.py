@@ -9,20 +9,21 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
 from engine.models import CausalLM
-from engine.sampler import compute_logprobs
 from engine.sequence import Sequence
 from kernels import cpu as cpu_kernels
 
 logger = logging.getLogger("kvserve.engine")
 
 # Steps with at most this many tokens run the fused decoder forward (kernels/cpu.py); longer
-# ones (prefill chunks) run torch's GEMMs, which win once there are many rows per weight
-# (bench/step.py measures the crossover). With packed int8/int4 weights (VNNI) and the
-# tiled attention the fused step is ahead of torch's bf16 GEMMs at every chunk size
-# (SmolLM2, 2-core EPYC: 135 vs 232 ms for a 256-token chunk, 0.72 vs 1.09 s at 1024,
-# 2.19 vs 2.71 s at 2048; 1.35 vs 1.58 s for 512 tokens after 4096), so it takes them all.
-FAST_MAX_TOKENS = 64
+# ones run torch's GEMMs. Measured on a 2-core EPYC (SmolLM2, one prompt chunk, fused vs
+# torch): with the model's bf16 weights 131 vs 180 ms at 128 tokens, 261 vs 325 at 256, 1.31
+# vs 1.27 s at 1024 (torch's bf16 GEMMs catch up), so up to 512. With packed weights (int8 /
+# int4 with VNNI, or float32 tiles) the fused step wins at every size: int4 135 vs 232 ms at
+# 256, 0.72 vs 1.09 s at 1024, 2.19 vs 2.71 s at 2048; float32 0.32 vs 0.58 s at 256, 1.57 vs
+# 2.67 s at 1024 (the tiled attention keeps long chunks cheap), so it takes them all.
+FAST_MAX_TOKENS = 512
 FAST_MAX_TOKENS_PACKED = 1 << 30
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions scored at once (256 x 49k vocab: 50 MB)
 
 
 class ModelRunner:
@@ -47,14 +48,16 @@ class ModelRunner:
             raise ValueError(f"quantization={weights!r} needs the fused CPU step, which this "
                              f"model cannot use (float32/bfloat16 weights, dimensions divisible "
                              f"by 32)")
-        self.fast_max = FAST_MAX_TOKENS_PACKED if weights else FAST_MAX_TOKENS
+        packed = self.fast is not None and self.fast.formats <= set(
+            cpu_kernels.FORMAT_NAMES.values())
+        self.fast_max = FAST_MAX_TOKENS_PACKED if packed else FAST_MAX_TOKENS
         fmt = ""
         if self.fast is not None:
             fmt = (f" ({'/'.join(sorted(self.fast.formats))} layers, {self.fast.head_format} head"
                    + (", x int8 activations" + ("" if cpu_kernels.has_vnni() else
                                                 " (no VNNI: slow)") if weights else "") + ")")
         logger.info("step: %s; attention: %s",
-                    ("fused CPU forward for every step" if weights else
+                    ("fused CPU forward for every step" if packed else
                      f"fused CPU forward for steps of <= {self.fast_max} tokens, torch beyond")
                     + fmt
                     if self.fast else "eager torch" + (" (--enforce-eager)"
@@ -103,18 +106,31 @@ class ModelRunner:
         offset = 0
         for seq, n in zip(seqs, num_tokens):
             start, scored = seq.num_computed_tokens, seq.prompt_logprobs
+            if scored is None:  # a request beside the scored ones
+                offset += n
+                continue
             lo = max(start, len(scored) - 1)  # position p predicts prompt token p + 1
             hi = min(start + n, seq.num_prompt_tokens - 1)
-            if scored is not None and lo < hi:
-                lp = compute_logprobs(self.model.compute_logits(
-                    hidden[offset + lo - start:offset + hi - start]))
-                target = torch.tensor(seq.token_ids[lo + 1:hi + 1], device=lp.device)
-                chosen = lp.gather(1, target[:, None])
-                ranks = (lp > chosen).sum(-1) + 1
+            # PROMPT_LOGPROBS_ROWS positions at a time: a [rows, vocab] float32 block each
+            # The sampler's head (the fused kernel's where it runs): a prompt token's
+            # logprob is what the same position would give a sampled one. Two passes over
+            # the logits (log-sum-exp, rank), no [rows, vocab] log-softmax written.
+            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
+                b = min(hi, a + PROMPT_LOGPROBS_ROWS)
+                logits = self.logits(hidden[offset + a - start:offset + b - start]).float()
+                target = torch.tensor(seq.token_ids[a + 1:b + 1], device=logits.device)
+                chosen = logits.gather(1, target[:, None])
+                if self.fast is not None:  # the CPU kernels: one parallel pass per row
+                    lse, ranks = cpu_kernels.row_stats(logits, target)
+                    lse = lse[:, None]
+                else:
+                    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                    ranks = (logits > chosen).sum(-1) + 1
                 k = seq.params.prompt_logprobs
-                top_lp, top_ids = lp.topk(k, dim=-1)  # k = 0: empty
-                scored.extend(zip(target.tolist(), chosen[:, 0].tolist(), ranks.tolist(),
-                                  top_ids.tolist(), top_lp.tolist()))
+                top_logits, top_ids = logits.topk(k, dim=-1)  # k = 0: empty
+                scored.extend(zip(target.tolist(), (chosen - lse)[:, 0].tolist(),
+                                  ranks.tolist(), top_ids.tolist(),
+                                  (top_logits - lse).tolist()))
             offset += n
 
     def _prepare(self, seqs: list[Sequence], num_tokens: list[int]):

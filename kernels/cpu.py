@@ -46,6 +46,7 @@ _I = ctypes.c_int64
 _SIGNATURES = {
     "kvs_has_avx512_bf16": ([], ctypes.c_int),
     "kvs_has_vnni": ([], ctypes.c_int),
+    "kvs_row_stats": ([_P, _I, _I, _P, _P, _P, ctypes.c_int], ctypes.c_int),
     "kvs_linear": ([ctypes.c_int, _P, _P, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int,
                     ctypes.c_int], ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
@@ -185,6 +186,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                  torch.get_num_threads())
     _check(rc, "paged_attention")
     return out.to(q.dtype)
+
+
+def row_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp [R], rank of target [R]) of fp32 logits [R, V]: one parallel pass each,
+    no [R, V] temporaries (teacher-forced prompt scoring). rank 1 = the most likely."""
+    logits = logits.float().contiguous()
+    target = target.to(torch.int64).contiguous()
+    rows, vocab = logits.shape
+    lse = torch.empty(rows, dtype=torch.float32)
+    rank = torch.empty(rows, dtype=torch.int64)
+    if rows and library().kvs_row_stats(logits.data_ptr(), rows, vocab, target.data_ptr(),
+                                        lse.data_ptr(), rank.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"row_stats: a target is outside [0, {vocab})")
+    return lse, rank
 
 
 def quantize_int8(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -395,3 +395,20 @@ def test_float32_model_steps_on_tiles(tiny):
     assert llm.engine.runner.fast.formats == {"float32 tiles"}
     b16 = LLM(model=str(path), dtype="bfloat16", device="cpu", num_kv_blocks=64)
     assert b16.engine.runner.fast.formats == {"bfloat16"}
+
+
+def test_row_stats_are_log_sum_exp_and_rank():
+    """Teacher-forced scoring's per-row statistics, against torch (ties count as not above;
+    a vocabulary that is not a multiple of 16 has a scalar tail)."""
+    gen = torch.Generator().manual_seed(3)
+    for vocab in (49152, 1000, 7):
+        logits = torch.randn(37, vocab, generator=gen) * 4
+        logits[0, :] = 1.0  # all tied: rank 1
+        target = torch.randint(0, vocab, (37,), generator=gen)
+        lse, rank = cpu.row_stats(logits, target)
+        assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-4, rtol=1e-6)
+        chosen = logits.gather(1, target[:, None])
+        assert torch.equal(rank, (logits > chosen).sum(-1) + 1)
+        assert rank[0] == 1
+    with pytest.raises(ValueError, match="target"):
+        cpu.row_stats(torch.zeros(2, 10), torch.tensor([0, 10]))

@@ -158,6 +158,23 @@ def test_prompt_logprobs_survive_chunked_prefill(smollm):
         assert ta == tb and la.logprob == pytest.approx(lb.logprob, abs=1e-4)
 
 
+def test_prompt_logprobs_beside_requests_without_them(smollm):
+    """A scoring request batched with ordinary ones (how a busy server runs it) gets the
+    same prompt logprobs as alone; the step used to fail on the rows without them."""
+    alone = run1(smollm, PROMPT, max_tokens=1, prompt_logprobs=1).prompt_logprobs
+    outs = smollm.generate(["Once upon a time", PROMPT, "Hello"],
+                           [SamplingParams(max_tokens=3), SamplingParams(max_tokens=1,
+                                                                         prompt_logprobs=1),
+                            SamplingParams(max_tokens=2)], use_tqdm=False)
+    mixed = outs[1].prompt_logprobs
+    assert outs[0].prompt_logprobs is None and len(outs[0].outputs[0].token_ids) == 3
+    assert len(mixed) == len(alone) and mixed[0] is None
+    for a, b in zip(alone[1:], mixed[1:]):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)
+
+
 # ------------------------------------------------------------------ penalties vs transformers
 
 

@@ -1417,6 +1417,45 @@ int kvs_linear(int dtype, const void* x, const void* w, const void* w_scale, int
     return 0;
 }
 
+// Per row of fp32 logits [rows, V]: lse = log sum exp, rank = 1 + #{j : x[j] > x[target]}
+// (teacher-forced scoring: logprob = x[target] - lse, without a [rows, V] log-softmax).
+int kvs_row_stats(const float* x, int64_t rows, int64_t V, const int64_t* target, float* lse,
+                  int64_t* rank, int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
+    for (int64_t r = 0; r < rows; ++r)
+        if (target[r] < 0 || target[r] >= V) return 1;
+    parallel_for(p, rows, [&](int64_t r) {
+        const float* row = x + r * V;
+        const float t = row[target[r]];
+        float mx = -INFINITY, sum = 0.f;
+        int64_t above = 0, j = 0;
+#if defined(__AVX512F__)
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        const __m512 vt = _mm512_set1_ps(t);
+        for (; j + 16 <= V; j += 16) {
+            const __m512 v = _mm512_loadu_ps(row + j);
+            vm = _mm512_max_ps(vm, v);
+            above += __builtin_popcount(_mm512_cmp_ps_mask(v, vt, _CMP_GT_OQ));
+        }
+        mx = _mm512_reduce_max_ps(vm);
+#endif
+        for (int64_t k = j; k < V; ++k) { mx = std::max(mx, row[k]); above += row[k] > t; }
+        j = 0;
+#if defined(__AVX512F__)
+        __m512 vs = _mm512_setzero_ps();
+        const __m512 vmx = _mm512_set1_ps(mx);
+        for (; j + 16 <= V; j += 16)
+            vs = _mm512_add_ps(vs, exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vmx)));
+        sum = _mm512_reduce_add_ps(vs);
+#endif
+        for (int64_t k = j; k < V; ++k) sum += std::exp(row[k] - mx);
+        lse[r] = mx + std::log(sum);
+        rank[r] = above + 1;
+    });
+    return 0;
+}
+
 int kvs_has_vnni() {
 #if defined(__AVX512VNNI__)
     return 1;
