@@ -65,17 +65,19 @@ class BeamSearchState:
         """Every live beam has its candidates for the next token."""
         return all(s.beam_candidates is not None for s in self.live)
 
-    def rank(self, is_stop) -> tuple[list[Candidate], list[Candidate]]:
-        """(continuations, closing candidates): the best B non-stop candidates over all
-        beams, and the stop candidates ranked within the top B."""
+    def rank(self, classify) -> tuple[list[Candidate], list[Candidate]]:
+        """(continuations, closing candidates): the best B candidates that classify(beam,
+        token) says "keep" over all beams, and those it says "close" ranked within the top B;
+        "drop" candidates are neither."""
         cands = [Candidate(beam, t, lp, beam.cumulative_logprob + lp)
                  for beam in self.live for t, lp in zip(*beam.beam_candidates)]
         cands.sort(key=lambda c: c.score, reverse=True)
         keep, close = [], []
         for rank, c in enumerate(cands):
-            if is_stop(c.beam, c.token):
-                if rank < self.width:
-                    close.append(c)
+            kind = classify(c.beam, c.token)
+            if kind == "close" and rank < self.width:
+                close.append(c)
+            if kind != "keep":
                 continue
             keep.append(c)
             if len(keep) == self.width:

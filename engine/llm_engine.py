@@ -326,13 +326,13 @@ class LLMEngine:
 
     def _beam_step(self, req: _Request) -> None:
         st, p = req.beam, req.params
-        eos = self.eos_token_ids
 
-        def classify(beam: Sequence, token: int) -> str | None:
-            stops = token in p.stop_token_ids or (not p.ignore_eos and token in eos)
-            if not stops:
-                return None
-            return "stop" if beam.num_output_tokens + 1 > p.min_tokens else "skip"
+        def classify(beam: Sequence, token: int) -> str:
+            # the same rules as a sampled token's (OutputProcessor.append): a stop token
+            # before min_tokens is a candidate nobody takes, as the sampler masks it
+            if not self.output.stop_token(p, token):
+                return "keep"
+            return "close" if self.output.may_stop(p, beam.num_output_tokens + 1) else "drop"
 
         keep, close = st.rank(classify)
         for c in close:

@@ -26,11 +26,10 @@ class OutputProcessor:
             if seq.detok is None:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
             new_text = len(seq.detok.step(seq.output_token_ids))
-        if seq.num_output_tokens > p.min_tokens:  # output index >= min_tokens may stop
-            if token in p.stop_token_ids:
-                seq.stop_reason = token
-                return "stop"
-            if not p.ignore_eos and token in self.eos_token_ids:
+        if self.may_stop(p, seq.num_output_tokens):
+            if self.stop_token(p, token):
+                if token in p.stop_token_ids:
+                    seq.stop_reason = token
                 return "stop"
             if p.stop_list and new_text and self._stop_string(seq, new_text):
                 return "stop"
@@ -39,6 +38,15 @@ class OutputProcessor:
         if seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def stop_token(self, p, token: int) -> bool:
+        """token ends a sequence (a stop id, or EOS unless ignored), once it may stop."""
+        return token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+
+    @staticmethod
+    def may_stop(p, num_output_tokens: int) -> bool:
+        """An output of this many tokens (the new one included) may end: min_tokens holds."""
+        return num_output_tokens > p.min_tokens
 
     def append_token(self, seq: Sequence, token: int, logprob: float,
                      top: tuple[int, list[int], list[float]] | None = None) -> None:

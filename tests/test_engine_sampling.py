@@ -251,6 +251,23 @@ def test_beam_search_finds_the_sequence_greedy_misses(bigram):
     assert pool.num_used == 0
 
 
+def test_beam_search_keeps_min_tokens(bigram):
+    """A stop token before min_tokens is no candidate, as the sampler masks it: S B C EOS
+    (3 tokens) may not close a hypothesis when 5 are the minimum (beam search used to close
+    it anyway). The same rule as sampling's: greedy with min_tokens does not stop early."""
+    path, _ = bigram
+    llm = LLM(model=path, dtype="float32", device="cpu", num_kv_blocks=32)
+    params = dict(min_tokens=5, max_tokens=8)
+    beams = llm.generate([[S]], SamplingParams(use_beam_search=True, beam_width=2, n=2,
+                                               **params), use_tqdm=False)[0].outputs
+    greedy = llm.generate([[S]], SamplingParams(temperature=0, **params),
+                          use_tqdm=False)[0].outputs[0]
+    for out in [*beams, greedy]:
+        assert len(out.token_ids) >= 5, out.token_ids
+        assert EOS not in out.token_ids[:5], out.token_ids
+    assert llm.engine.kv.pool.num_used == 0
+
+
 def test_length_normalization_formula():
     # score = log P / ((5 + |seq|) ** a / (5 + 1) ** a)
     assert normalized_score(-3.0, 3, 1.0) == pytest.approx(-3.0 / (8 / 6))
