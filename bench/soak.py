@@ -6,7 +6,8 @@
 
 `--concurrency` clients (24) loop until `--duration` seconds or `--max-requests` have passed,
 each sending a random request: completions or chat, streamed or not, n 1-3, seeds, stop
-strings, logprobs, temperatures, now and then beam search or a malformed body; about 30% of
+strings, logprobs, temperatures, now and then beam search, scoring (echo + logprobs,
+max_tokens 0, prompt_logprobs) or a malformed body; about 30% of
 streams are dropped after a few events and some plain requests are abandoned mid-way. One
 more client sends a long prompt (`--long-tokens`) every `--long-every` seconds, so the
 inter-token latency (ITL) of the short streams can be read while a long prompt prefills.
@@ -140,6 +141,10 @@ class Soak:
                 body.update(logprobs=True, top_logprobs=r.randint(0, 5))
             else:
                 body["logprobs"] = r.randint(0, 5)
+        if not chat and not beam and r.random() < 0.1:  # scoring, as evaluation harnesses do
+            body.update(echo=True, logprobs=r.randint(0, 2), max_tokens=r.choice([0, 1, 4]))
+        if not chat and r.random() < 0.05:
+            body["prompt_logprobs"] = r.randint(0, 3)
         if r.random() < 0.2:
             body["ignore_eos"] = True
         if stream:

@@ -25,6 +25,21 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def info(self, max_model_len: int) -> dict:
+        """tokenizer_config.json's fields that a client needs to tokenize like the server
+        (vLLM's /tokenizer_info): class, special tokens, chat template, length."""
+        hf = self.hf
+        added = {str(i): {"content": t.content, "special": t.special}
+                 for i, t in hf.added_tokens_decoder.items()}
+        return {"tokenizer_class": type(hf).__name__,
+                **{f"{name}_token": getattr(hf, f"{name}_token", None)
+                   for name in ("bos", "eos", "pad", "unk")},
+                **{f"{name}_token_id": getattr(hf, f"{name}_token_id", None)
+                   for name in ("bos", "eos", "pad", "unk")},
+                "chat_template": hf.chat_template, "model_max_length": max_model_len,
+                "vocab_size": self.vocab_size, "added_tokens_decoder": added,
+                "clean_up_tokenization_spaces": bool(hf.clean_up_tokenization_spaces)}
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use generate() with plain text")

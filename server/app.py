@@ -27,6 +27,7 @@ from server.async_engine import AsyncEngine, Draining, EngineDead, QueueFull
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                              HealthResponse, ModelList, TokenizeRequest, TokenizeResponse,
+                             TokenizerInfoResponse,
                              VersionResponse, error_responses)
 
 VERSION = "0.1.0"
@@ -230,6 +231,13 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
                 tokenizer.hf.encode(body.prompt, add_special_tokens=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
 
+    @app.get("/tokenizer_info", responses={200: {"model": TokenizerInfoResponse},
+                                           **error_responses(400, *auth)})
+    async def tokenizer_info():
+        """vLLM's route for remote tokenizers (lm-evaluation-harness's "remote" backend)."""
+        need_tokenizer()
+        return tokenizer.info(max_model_len)
+
     @app.post("/detokenize", responses={200: {"model": DetokenizeResponse},
                                         **error_responses(400, *auth, 404)})
     async def detokenize(body: DetokenizeRequest):
@@ -302,14 +310,20 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
                            param="best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if body.echo and body.stream:
-            raise APIError(400, "echo is not supported with stream", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo: score the prompt "
+                                "without generating)", param="max_tokens")
+        # echo + logprobs scores the prompt too (teacher forcing: how harnesses evaluate);
+        # max_tokens 0 generates one token that nobody sees
+        prompt_k = body.prompt_logprobs
+        if body.echo and body.logprobs is not None:
+            prompt_k = max(prompt_k or 0, body.logprobs)
         prompts = prompt_ids(body.prompt)
         jobs = []
         for ids in prompts:
-            max_tokens = limit_tokens(ids, body.max_tokens)
+            max_tokens = limit_tokens(ids, 1 if body.max_tokens == 0 else body.max_tokens)
             try:
-                params = body.sampling_params(max_tokens, body.logprobs)
+                params = body.sampling_params(max_tokens, body.logprobs, prompt_k)
             except ValueError as e:
                 raise _bad(e) from None
             jobs.append((ids, params))
@@ -484,6 +498,11 @@ class _Formatter:
         self.completion_tokens: dict[int, int] = {}
         opts = body.stream_options
         self.include_usage = bool(opts and opts.include_usage)
+        self.echo = not chat and body.echo
+        self.score_only = self.echo and body.max_tokens == 0  # the one token is not shown
+        self.echoed: set[int] = set()      # choices whose prompt part was streamed
+        self.prompt_sent: set[int] = set()  # ... and whose prompt_logprobs field was
+        self.prompt_chars: dict[int, int] = {}  # per prompt: its pieces' length (offsets)
 
     @property
     def object(self) -> str:
@@ -507,21 +526,40 @@ class _Formatter:
                 continue
             start_t, start_k = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
             text, new_tokens = c.text[start_t:], len(c.token_ids) - start_k
-            self.completion_tokens[index] = len(c.token_ids)
-            if not text and not c.finish_reason and not (new_tokens and c.logprobs):
+            if self.score_only:
+                text, new_tokens = "", 0
+            self.completion_tokens[index] = 0 if self.score_only else len(c.token_ids)
+            echo = self.echo and index not in self.echoed  # the prompt goes first, once
+            if not text and not c.finish_reason and not (new_tokens and c.logprobs) \
+                    and not echo:
                 continue
             self.sent_text[index] = len(c.text)
             self.sent_tokens[index] = len(c.token_ids)
-            logprobs = self._logprobs(c, start_k, start_t) if c.logprobs else None
+            logprobs = None
+            if self.chat:
+                logprobs = self._logprobs(c, start_k, start_t) if c.logprobs else None
+            elif self.body.logprobs is not None:
+                base = self.prompt_chars.get(i, 0) if self.echo else 0
+                logprobs = self._empty_logprobs()
+                if echo:
+                    logprobs, base = self._prompt_part(i, out)
+                if new_tokens:
+                    self._extend(logprobs, self._logprobs(c, start_k, base + start_t))
             if c.finish_reason:
                 self.finished.add(index)
             if self.chat:
                 choices.append({"index": index, "delta": {"content": text} if text else {},
                                 "logprobs": logprobs, "finish_reason": c.finish_reason})
             else:
-                choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason})
+                choice = {"index": index, "text": (self._prompt_text(i, out) if echo else "")
+                          + text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+                          "stop_reason": c.stop_reason}
+                if echo:
+                    self.echoed.add(index)
+                if self.body.prompt_logprobs is not None and index not in self.prompt_sent:
+                    self.prompt_sent.add(index)
+                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
+                choices.append(choice)
         if choices:
             yield self._chunk(choices)
 
@@ -541,22 +579,76 @@ class _Formatter:
         for i, out in enumerate(finals):
             for c in out.outputs:
                 index = i * self.n + c.index
-                self.completion_tokens[index] = len(c.token_ids)
-                logprobs = self._logprobs(c, 0, 0) if c.logprobs else None
+                self.completion_tokens[index] = 0 if self.score_only else len(c.token_ids)
                 if self.chat:
+                    logprobs = self._logprobs(c, 0, 0) if c.logprobs else None
                     choices.append({"index": index, "message": {"role": "assistant",
                                                                 "content": c.text},
                                     "logprobs": logprobs, "finish_reason": c.finish_reason})
-                else:
-                    text = c.text
-                    if self.body.echo:
-                        text = (out.prompt or self._decode(out.prompt_token_ids)) + text
-                    choices.append({"index": index, "text": text, "logprobs": logprobs,
-                                    "finish_reason": c.finish_reason,
-                                    "stop_reason": c.stop_reason})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                    continue
+                text = "" if self.score_only else c.text
+                logprobs, base = None, 0
+                if self.body.logprobs is not None:
+                    logprobs = self._empty_logprobs()
+                    if self.echo:
+                        logprobs, base = self._prompt_part(i, out)
+                    if not self.score_only:
+                        self._extend(logprobs, self._logprobs(c, 0, base))
+                if self.echo:
+                    text = self._prompt_text(i, out) + text
+                choice = {"index": index, "text": text, "logprobs": logprobs,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if self.body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
+                choices.append(choice)
+        body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model,
                 "choices": sorted(choices, key=lambda c: c["index"]), "usage": self.usage()}
+        if self.chat and self.body.prompt_logprobs is not None and finals:
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(finals[0])
+        return body
+
+    # ---------------------------------------------------------------- the prompt's part
+
+    def _prompt_text(self, i: int, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self._decode(self.prompts[i])
+
+    @staticmethod
+    def _empty_logprobs() -> dict:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    @staticmethod
+    def _extend(into: dict, more: dict) -> None:
+        for key, values in more.items():
+            into[key].extend(values)
+
+    def _prompt_part(self, i: int, out: RequestOutput) -> tuple[dict, int]:
+        """Completions logprobs of prompt i's tokens (the first: null, nothing predicts it)
+        and where the completion's offsets go on: the pieces' total length."""
+        ids, entries = self.prompts[i], out.prompt_logprobs or []
+        first = self._decode(ids[:1])
+        lp = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None],
+              "text_offset": [0]}
+        if len(entries) == len(ids):
+            self._extend(lp, self._text_logprobs(ids[1:], entries[1:], self.body.logprobs or 0,
+                                                 len(first)))
+        end = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        self.prompt_chars[i] = end
+        return lp, end
+
+    def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
+        """vLLM's prompt_logprobs field: per prompt token {token id: logprob, rank, decoded
+        token}, the prompt's token and the top prompt_logprobs ones; the first is null."""
+        if out.prompt_logprobs is None:
+            return None
+        k = self.body.prompt_logprobs or 0
+        result = [None]
+        for t, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+            result.append({str(tid): {"logprob": lp.logprob, "rank": lp.rank,
+                                      "decoded_token": lp.decoded_token}
+                           for tid, lp in entry.items()
+                           if tid == t or (lp.rank is not None and lp.rank <= k)})
+        return result
 
     def _chat_token(self, token_id: int, lp) -> dict:
         piece = lp.decoded_token or ""
@@ -580,9 +672,12 @@ class _Formatter:
                 content.append({**self._chat_token(t, chosen),
                                 "top_logprobs": [self._chat_token(tid, lp) for tid, lp in top]})
             return {"content": content}
+        return self._text_logprobs(tokens, entries, self.body.logprobs or 0, text_offset)
+
+    @staticmethod
+    def _text_logprobs(tokens, entries, k: int, offset: int) -> dict:
+        """The completions API's logprobs of these tokens, offsets from `offset` on."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = text_offset
-        k = self.body.logprobs or 0
         for t, entry in zip(tokens, entries):
             chosen = entry[t]
             piece = chosen.decoded_token or ""

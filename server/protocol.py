@@ -75,13 +75,17 @@ class _Sampling(BaseModel):
                                   allow_inf_nan=False)
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError naming the field for values the engine rejects."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """Raises ValueError naming the field for values the engine rejects. prompt_logprobs:
+        how many top entries to score the prompt with (default: the request's field)."""
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
+        if prompt_logprobs is None:
+            prompt_logprobs = self.prompt_logprobs
         kw = dict(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens,
                   stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                  seed=self.seed, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+                  seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                   skip_special_tokens=self.skip_special_tokens,
                   use_beam_search=self.use_beam_search, length_penalty=self.length_penalty)
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -97,7 +101,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Union[Text, list[Text], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
@@ -176,10 +180,17 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo the prompt's tokens come first; its first token has no logprob (null)."""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
 
 
 class CompletionChoice(BaseModel):
@@ -188,6 +199,9 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="vLLM's: per prompt token (the first is null), token id -> its "
+                          "logprob and those of the top prompt_logprobs tokens")
 
 
 class CompletionResponse(BaseModel):
@@ -232,6 +246,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class ModelCard(BaseModel):
@@ -256,6 +271,13 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """vLLM's /tokenizer_info: what a remote tokenizer (lm-evaluation-harness) reads, in the
+    shape of tokenizer_config.json."""
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
 
 
 class HealthResponse(BaseModel):

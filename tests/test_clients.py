@@ -368,7 +368,7 @@ def test_bad_request_raises_at_once_with_the_servers_message(url):
             c.completions(PROMPT, max_tokens=-1)
         err = e.value
         assert err.status == 400 and err.param == "max_tokens" and err.attempts == 1
-        assert err.type == "invalid_request_error" and "greater than or equal to 1" in str(err)
+        assert err.type == "invalid_request_error" and "greater than or equal to 0" in str(err)
         assert err.message == err.body["error"]["message"] and err.message in str(err)
         with pytest.raises(BadRequestError, match="context length"):
             c.completions(PROMPT, max_tokens=5000)

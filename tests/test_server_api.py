@@ -536,7 +536,8 @@ def test_openai_async_sdk_streaming(server):
 # from `operation.as_strategy(mode)` under hypothesis directly.
 
 OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/version"),
-              ("GET", "/v1/models"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+              ("GET", "/v1/models"), ("GET", "/tokenizer_info"), ("POST", "/tokenize"),
+              ("POST", "/detokenize"),
               ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]
 GENERATION = ("/v1/completions", "/v1/chat/completions")
 
