@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API over an AsyncEngine.
 
 Routes: /v1/completions, /v1/chat/completions (both stream as SSE), /v1/models, /health,
-/metrics, /tokenize, /detokenize, /version.  Every error is OpenAI's shape
+/metrics, /tokenize, /detokenize, /tokenizer_info, /version; their bodies and chunks are
+built by server/formatting.py.  Every error is OpenAI's shape
 {"error": {"message", "type", "param", "code"}}: bad input is 400 (FastAPI's 422 remapped),
 an unknown model 404, a missing/wrong API key 401, a full queue 429 with Retry-After, a
 failed or stopping engine 503.
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import RequestOutput, SamplingParams
 from server.async_engine import AsyncEngine, Draining, EngineDead, QueueFull
+from server.formatting import Formatter, sse_event
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                              HealthResponse, ModelList, TokenizeRequest, TokenizeResponse,
@@ -364,13 +366,13 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
             for s in streams:
                 s.abort()
             raise
-        fmt = _Formatter(base, model_name, chat, body, jobs, tokenizer)
+        fmt = Formatter(base, model_name, chat, body, jobs, tokenizer)
         if body.stream:
             return StreamingResponse(_sse(streams, fmt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await _collect(request, streams, fmt)
 
-    async def _collect(request: Request, streams, fmt: "_Formatter"):
+    async def _collect(request: Request, streams, fmt: "Formatter"):
         finals: list[RequestOutput | None] = [None] * len(streams)
 
         async def one(i, s):
@@ -398,7 +400,7 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
                 s.abort()
         return fmt.full(finals)
 
-    async def _sse(streams, fmt: "_Formatter") -> AsyncIterator[bytes]:
+    async def _sse(streams, fmt: "Formatter") -> AsyncIterator[bytes]:
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, s):
@@ -415,22 +417,22 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
         open_streams = len(streams)
         try:
             for chunk in fmt.start_chunks():
-                yield _event(chunk)
+                yield sse_event(chunk)
             while open_streams:
                 i, item = await merged.get()
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, BaseException):
                     kind = "server_error"
-                    yield _event({"error": {"message": str(item) or repr(item), "type": kind,
+                    yield sse_event({"error": {"message": str(item) or repr(item), "type": kind,
                                             "param": None, "code": 503}})
                     return
                 else:
                     for chunk in fmt.delta_chunks(i, item):
-                        yield _event(chunk)
+                        yield sse_event(chunk)
             usage = fmt.usage_chunk()
             if usage is not None:
-                yield _event(usage)
+                yield sse_event(usage)
             yield b"data: [DONE]\n\n"
         finally:  # a client that goes away cancels this generator: free its requests
             for t in tasks:
@@ -453,239 +455,3 @@ def _openapi(app: FastAPI) -> dict:
             spec.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = spec
     return app.openapi_schema
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    stand_in, extra = {b: b for b in kept}, 0
-    for b in range(256):
-        if b not in stand_in:
-            stand_in[b] = 256 + extra
-            extra += 1
-    return {chr(c): b for b, c in stand_in.items()}
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-
-
-def _token_bytes(tokenizer, token_id: int, piece: str) -> list[int]:
-    """The token's own UTF-8 bytes (a piece of a character decodes to U+FFFD, its bytes don't)."""
-    if tokenizer is not None and "\ufffd" in piece:
-        raw = tokenizer.hf.convert_ids_to_tokens(token_id)
-        if isinstance(raw, str) and raw and all(ch in _BYTE_LEVEL for ch in raw):
-            return [_BYTE_LEVEL[ch] for ch in raw]
-    return list(piece.encode())
-
-
-def _event(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
-class _Formatter:
-    """Turns RequestOutputs into OpenAI response bodies and stream chunks."""
-
-    def __init__(self, rid: str, model: str, chat: bool, body, jobs, tokenizer):
-        self.id, self.model, self.chat, self.body = rid, model, chat, body
-        self.created = int(time.time())
-        self.n = body.n
-        self.prompts = [ids for ids, _ in jobs]
-        self.tokenizer = tokenizer
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.finished: set[int] = set()
-        self.completion_tokens: dict[int, int] = {}
-        opts = body.stream_options
-        self.include_usage = bool(opts and opts.include_usage)
-        self.echo = not chat and body.echo
-        self.score_only = self.echo and body.max_tokens == 0  # the one token is not shown
-        self.echoed: set[int] = set()      # choices whose prompt part was streamed
-        self.prompt_sent: set[int] = set()  # ... and whose prompt_logprobs field was
-        self.prompt_chars: dict[int, int] = {}  # per prompt: its pieces' length (offsets)
-
-    @property
-    def object(self) -> str:
-        return "chat.completion.chunk" if self.chat else "text_completion"
-
-    def _chunk(self, choices) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created,
-                "model": self.model, "choices": choices}
-
-    def start_chunks(self):
-        if self.chat:
-            yield self._chunk([{"index": j, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}
-                               for j in range(self.n)])
-
-    def delta_chunks(self, i: int, out: RequestOutput):
-        choices = []
-        for c in out.outputs:
-            index = i * self.n + c.index
-            if index in self.finished:
-                continue
-            start_t, start_k = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
-            text, new_tokens = c.text[start_t:], len(c.token_ids) - start_k
-            if self.score_only:
-                text, new_tokens = "", 0
-            self.completion_tokens[index] = 0 if self.score_only else len(c.token_ids)
-            echo = self.echo and index not in self.echoed  # the prompt goes first, once
-            if not text and not c.finish_reason and not (new_tokens and c.logprobs) \
-                    and not echo:
-                continue
-            self.sent_text[index] = len(c.text)
-            self.sent_tokens[index] = len(c.token_ids)
-            logprobs = None
-            if self.chat:
-                logprobs = self._logprobs(c, start_k, start_t) if c.logprobs else None
-            elif self.body.logprobs is not None:
-                base = self.prompt_chars.get(i, 0) if self.echo else 0
-                logprobs = self._empty_logprobs()
-                if echo:
-                    logprobs, base = self._prompt_part(i, out)
-                if new_tokens:
-                    self._extend(logprobs, self._logprobs(c, start_k, base + start_t))
-            if c.finish_reason:
-                self.finished.add(index)
-            if self.chat:
-                choices.append({"index": index, "delta": {"content": text} if text else {},
-                                "logprobs": logprobs, "finish_reason": c.finish_reason})
-            else:
-                choice = {"index": index, "text": (self._prompt_text(i, out) if echo else "")
-                          + text, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                          "stop_reason": c.stop_reason}
-                if echo:
-                    self.echoed.add(index)
-                if self.body.prompt_logprobs is not None and index not in self.prompt_sent:
-                    self.prompt_sent.add(index)
-                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
-                choices.append(choice)
-        if choices:
-            yield self._chunk(choices)
-
-    def usage(self) -> dict:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(self.completion_tokens.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
-
-    def usage_chunk(self):
-        if not self.include_usage:
-            return None
-        return {**self._chunk([]), "usage": self.usage()}
-
-    def full(self, finals: list[RequestOutput]) -> dict:
-        choices = []
-        for i, out in enumerate(finals):
-            for c in out.outputs:
-                index = i * self.n + c.index
-                self.completion_tokens[index] = 0 if self.score_only else len(c.token_ids)
-                if self.chat:
-                    logprobs = self._logprobs(c, 0, 0) if c.logprobs else None
-                    choices.append({"index": index, "message": {"role": "assistant",
-                                                                "content": c.text},
-                                    "logprobs": logprobs, "finish_reason": c.finish_reason})
-                    continue
-                text = "" if self.score_only else c.text
-                logprobs, base = None, 0
-                if self.body.logprobs is not None:
-                    logprobs = self._empty_logprobs()
-                    if self.echo:
-                        logprobs, base = self._prompt_part(i, out)
-                    if not self.score_only:
-                        self._extend(logprobs, self._logprobs(c, 0, base))
-                if self.echo:
-                    text = self._prompt_text(i, out) + text
-                choice = {"index": index, "text": text, "logprobs": logprobs,
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                if self.body.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(out)
-                choices.append(choice)
-        body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model,
-                "choices": sorted(choices, key=lambda c: c["index"]), "usage": self.usage()}
-        if self.chat and self.body.prompt_logprobs is not None and finals:
-            body["prompt_logprobs"] = self._vllm_prompt_logprobs(finals[0])
-        return body
-
-    # ---------------------------------------------------------------- the prompt's part
-
-    def _prompt_text(self, i: int, out: RequestOutput) -> str:
-        return out.prompt if out.prompt is not None else self._decode(self.prompts[i])
-
-    @staticmethod
-    def _empty_logprobs() -> dict:
-        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-    @staticmethod
-    def _extend(into: dict, more: dict) -> None:
-        for key, values in more.items():
-            into[key].extend(values)
-
-    def _prompt_part(self, i: int, out: RequestOutput) -> tuple[dict, int]:
-        """Completions logprobs of prompt i's tokens (the first: null, nothing predicts it)
-        and where the completion's offsets go on: the pieces' total length."""
-        ids, entries = self.prompts[i], out.prompt_logprobs or []
-        first = self._decode(ids[:1])
-        lp = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None],
-              "text_offset": [0]}
-        if len(entries) == len(ids):
-            self._extend(lp, self._text_logprobs(ids[1:], entries[1:], self.body.logprobs or 0,
-                                                 len(first)))
-        end = lp["text_offset"][-1] + len(lp["tokens"][-1])
-        self.prompt_chars[i] = end
-        return lp, end
-
-    def _vllm_prompt_logprobs(self, out: RequestOutput) -> list | None:
-        """vLLM's prompt_logprobs field: per prompt token {token id: logprob, rank, decoded
-        token}, the prompt's token and the top prompt_logprobs ones; the first is null."""
-        if out.prompt_logprobs is None:
-            return None
-        k = self.body.prompt_logprobs or 0
-        result = [None]
-        for t, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
-            result.append({str(tid): {"logprob": lp.logprob, "rank": lp.rank,
-                                      "decoded_token": lp.decoded_token}
-                           for tid, lp in entry.items()
-                           if tid == t or (lp.rank is not None and lp.rank <= k)})
-        return result
-
-    def _chat_token(self, token_id: int, lp) -> dict:
-        piece = lp.decoded_token or ""
-        return {"token": piece, "logprob": lp.logprob,
-                "bytes": _token_bytes(self.tokenizer, token_id, piece)}
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, False) if self.tokenizer else ""
-
-    def _logprobs(self, c, start: int, text_offset: int):
-        entries = c.logprobs[start:]
-        tokens = c.token_ids[start:]
-        if self.chat:
-            content = []
-            n = self.body.top_logprobs or 0
-            for t, entry in zip(tokens, entries):
-                chosen = entry[t]
-                top = sorted(((tid, lp) for tid, lp in entry.items()
-                              if lp.rank is not None and lp.rank <= n),
-                             key=lambda item: item[1].rank)
-                content.append({**self._chat_token(t, chosen),
-                                "top_logprobs": [self._chat_token(tid, lp) for tid, lp in top]})
-            return {"content": content}
-        return self._text_logprobs(tokens, entries, self.body.logprobs or 0, text_offset)
-
-    @staticmethod
-    def _text_logprobs(tokens, entries, k: int, offset: int) -> dict:
-        """The completions API's logprobs of these tokens, offsets from `offset` on."""
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t, entry in zip(tokens, entries):
-            chosen = entry[t]
-            piece = chosen.decoded_token or ""
-            out["tokens"].append(piece)
-            out["token_logprobs"].append(chosen.logprob)
-            top = {lp.decoded_token or "": lp.logprob for lp in entry.values()
-                   if lp.rank is not None and lp.rank <= k}
-            out["top_logprobs"].append({piece: chosen.logprob, **top})
-            out["text_offset"].append(offset)
-            offset += len(piece)
-        return out
