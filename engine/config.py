@@ -176,8 +176,6 @@ class EngineConfig:
                      "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefill_chunk < 0:
-            raise ValueError(f"prefill_chunk must be >= 0 (0: no limit), got {self.prefill_chunk}")
         if self.attention_backend not in ("torch", "cpu", "triton"):
             raise ValueError(f"attention_backend must be torch, cpu, triton or auto, "
                              f"got {self.attention_backend!r}")

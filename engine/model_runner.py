@@ -111,10 +111,9 @@ class ModelRunner:
                 continue
             lo = max(start, len(scored) - 1)  # position p predicts prompt token p + 1
             hi = min(start + n, seq.num_prompt_tokens - 1)
-            # PROMPT_LOGPROBS_ROWS positions at a time: a [rows, vocab] float32 block each
-            # The sampler's head (the fused kernel's where it runs): a prompt token's
-            # logprob is what the same position would give a sampled one. Two passes over
-            # the logits (log-sum-exp, rank), no [rows, vocab] log-softmax written.
+            # PROMPT_LOGPROBS_ROWS positions at a time, on the sampler's head (the fused
+            # kernel's where it runs): a prompt token's logprob is what the same position
+            # would give a sampled one. No [rows, vocab] log-softmax is written.
             for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
                 b = min(hi, a + PROMPT_LOGPROBS_ROWS)
                 logits = self.logits(hidden[offset + a - start:offset + b - start]).float()

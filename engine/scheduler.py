@@ -78,7 +78,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            want = self._prefill_share(seq, seq.num_computed_tokens,
+            want = self._prefill_share(seq.num_computed_tokens,
                                        min(seq.num_tokens - seq.num_computed_tokens, budget))
             if want == 0:  # a beam waiting for its siblings to catch up: nothing to compute
                 i += 1     # (or a prompt whose share of this step is spent)
@@ -117,7 +117,7 @@ class Scheduler:
                 break
             hits = self.kv.match_prefix(seq)
             cached = len(hits) * bs
-            n = self._prefill_share(seq, cached, min(seq.num_tokens - cached, budget))
+            n = self._prefill_share(cached, min(seq.num_tokens - cached, budget))
             if n == 0:
                 break
             if self.running:
@@ -146,7 +146,7 @@ class Scheduler:
         window = self.kv.sliding_window
         return 1.0 + (start if window is None else min(start, window)) / self.attention_span
 
-    def _prefill_share(self, seq: Sequence, start: int, want: int) -> int:
+    def _prefill_share(self, start: int, want: int) -> int:
         """How many of `want` prompt tokens from `start` fit what is left of this step's
         prompt share; the first prompt of a step always gets at least one."""
         if want <= 1 or self._prefill_left == math.inf:

@@ -113,10 +113,11 @@ class _BodyLimit:
             if length is not None or not message.get("more_body", False):
                 break
         head = b"".join(parts)
-        if len(head) >= 2 and json.detect_encoding(head[:4]) not in ("utf-8", "utf-8-sig"):
+        encoding = json.detect_encoding(head[:4]) if len(head) >= 2 else "utf-8"
+        if encoding not in ("utf-8", "utf-8-sig"):
             return await error_response(
-                400, f"the request body is {json.detect_encoding(head[:4]).upper()}; JSON "
-                     f"must be UTF-8")(scope, receive, send)
+                400, f"the request body is {encoding.upper()}; JSON must be UTF-8")(
+                    scope, receive, send)
         replayed = False
         more = message.get("more_body", False)
 

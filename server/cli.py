@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds running requests get to finish after SIGTERM")
     srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
-                     help="request bodies above this get 413 (default 4 MiB)")
+    srv.add_argument("--max-request-bytes", type=int, default=None,
+                     help="request bodies above this get 413 (default: 4 MiB)")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)

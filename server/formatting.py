@@ -93,12 +93,7 @@ class Formatter:
             if self.chat:
                 logprobs = self._logprobs(c, start_k, start_t) if c.logprobs else None
             elif self.body.logprobs is not None:
-                base = self.prompt_chars.get(i, 0) if self.echo else 0
-                logprobs = self._empty_logprobs()
-                if echo:
-                    logprobs, base = self._prompt_part(i, out)
-                if new_tokens:
-                    self._extend(logprobs, self._logprobs(c, start_k, base + start_t))
+                logprobs = self._cmpl_logprobs(i, out, c, start_k, start_t, echo, new_tokens > 0)
             if c.finish_reason:
                 self.finished.add(index)
             if self.chat:
@@ -141,13 +136,10 @@ class Formatter:
                                     "logprobs": logprobs, "finish_reason": c.finish_reason})
                     continue
                 text = "" if self.score_only else c.text
-                logprobs, base = None, 0
+                logprobs = None
                 if self.body.logprobs is not None:
-                    logprobs = self._empty_logprobs()
-                    if self.echo:
-                        logprobs, base = self._prompt_part(i, out)
-                    if not self.score_only:
-                        self._extend(logprobs, self._logprobs(c, 0, base))
+                    logprobs = self._cmpl_logprobs(i, out, c, 0, 0, self.echo,
+                                                   not self.score_only)
                 if self.echo:
                     text = self._prompt_text(i, out) + text
                 choice = {"index": index, "text": text, "logprobs": logprobs,
@@ -175,6 +167,17 @@ class Formatter:
     def _extend(into: dict, more: dict) -> None:
         for key, values in more.items():
             into[key].extend(values)
+
+    def _cmpl_logprobs(self, i: int, out: RequestOutput, c, start_k: int, start_t: int,
+                       with_prompt: bool, with_tokens: bool) -> dict:
+        """Completions logprobs of one choice: prompt i's part first when with_prompt, then
+        c's tokens from start_k, their offsets after the prompt's pieces when echoing."""
+        logprobs, base = self._empty_logprobs(), self.prompt_chars.get(i, 0) if self.echo else 0
+        if with_prompt:
+            logprobs, base = self._prompt_part(i, out)
+        if with_tokens:
+            self._extend(logprobs, self._logprobs(c, start_k, base + start_t))
+        return logprobs
 
     def _prompt_part(self, i: int, out: RequestOutput) -> tuple[dict, int]:
         """Completions logprobs of prompt i's tokens (the first: null, nothing predicts it)

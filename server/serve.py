@@ -3,9 +3,9 @@
 On SIGTERM/SIGINT the server keeps listening but admits nothing new (503), lets running
 requests finish for up to --shutdown-timeout seconds, aborts the rest, then stops uvicorn and
 exits 0.  A second signal aborts the running requests at once (each stream still ends with
-finish_reason "abort" and [DONE]); a third stops without waiting for anything.  If the engine fails, every request hears about it
-(an error event, or 503), then the server shuts down and exits 1, as vLLM's does: a
-supervisor watching exit codes sees the failure.
+finish_reason "abort" and [DONE]); a third stops without waiting for anything.  If the
+engine fails, every request hears about it (an error event, or 503), then the server shuts
+down and exits 1, as vLLM's does: a supervisor watching exit codes sees the failure.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import logging
 
 import uvicorn
 
-from server.app import build_app
+from server.app import MAX_REQUEST_BYTES, build_app
 from server.async_engine import AsyncEngine
 from server.metrics import Metrics
 
@@ -83,7 +83,7 @@ def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
     try:
         name = served_model_name or aengine.engine.model_name
         app = build_app(aengine, served_model_name=name, api_key=api_key,
-                        **({"max_request_bytes": max_request_bytes} if max_request_bytes else {}))
+                        max_request_bytes=max_request_bytes or MAX_REQUEST_BYTES)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                 timeout_graceful_shutdown=5, access_log=False)
         server = _Server(config, aengine, shutdown_timeout)

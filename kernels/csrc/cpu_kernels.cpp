@@ -1065,7 +1065,6 @@ static void attn_plan(const AttnArgs& a, int nthreads, AttnPlan& pl) {
         }
     }
     pl.rfirst[a.num_tokens] = (int32_t)pl.refs.size();
-    (void)ntok_tile;
 }
 
 #if defined(__AVX512F__)
