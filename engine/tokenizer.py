@@ -13,17 +13,41 @@ CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/
                          "kvserve", "tokenizers")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    stand_in, extra = {b: b for b in kept}, 0
+    for b in range(256):
+        if b not in stand_in:
+            stand_in[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in stand_in.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
         self.eos_token_id = hf_tokenizer.eos_token_id
         self.vocab_size = len(hf_tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf(text).input_ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf(text, add_special_tokens=add_special_tokens).input_ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The token's own bytes, read from its vocabulary entry where that is byte-level BPE
+        (GPT-2's stand-in characters), else None. A token holding part of a UTF-8 character
+        decodes to U+FFFD; its bytes are still these."""
+        raw = self.hf.convert_ids_to_tokens(token_id)
+        if isinstance(raw, str) and raw and all(ch in _BYTE_LEVEL for ch in raw):
+            return bytes(_BYTE_LEVEL[ch] for ch in raw)
+        return None
 
     def info(self, max_model_len: int) -> dict:
         """tokenizer_config.json's fields that a client needs to tokenize like the server

@@ -1,6 +1,6 @@
 """Response formatting: RequestOutputs become OpenAI's completion and chat bodies and SSE
 chunks (text deltas, logprobs in the completions and chat shapes, echo with the prompt's
-scores, vLLM's prompt_logprobs, usage). No I/O: the routes in server/app.py feed it."""
+scores, vLLM's prompt_logprobs, usage). No I/O: the routes in server/generation.py feed it."""
 from __future__ import annotations
 
 import json
@@ -9,27 +9,12 @@ import time
 from engine import RequestOutput
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    stand_in, extra = {b: b for b in kept}, 0
-    for b in range(256):
-        if b not in stand_in:
-            stand_in[b] = 256 + extra
-            extra += 1
-    return {chr(c): b for b, c in stand_in.items()}
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-
-
 def _token_bytes(tokenizer, token_id: int, piece: str) -> list[int]:
     """The token's own UTF-8 bytes (a piece of a character decodes to U+FFFD, its bytes don't)."""
     if tokenizer is not None and "\ufffd" in piece:
-        raw = tokenizer.hf.convert_ids_to_tokens(token_id)
-        if isinstance(raw, str) and raw and all(ch in _BYTE_LEVEL for ch in raw):
-            return [_BYTE_LEVEL[ch] for ch in raw]
+        raw = tokenizer.token_bytes(token_id)
+        if raw is not None:
+            return list(raw)
     return list(piece.encode())
 
 
