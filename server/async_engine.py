@@ -1,8 +1,9 @@
 """The engine in its own thread, fed from the event loop through a thread-safe inbox.
 
-The event loop never runs a step: `add_request` posts a command and awaits the engine
-thread's answer (accepted, or the ValueError that names the bad field); outputs come back
-per request through an asyncio.Queue, all of a step's in one `loop.call_soon_threadsafe`.
+The event loop never runs a step: `add_request` posts a message (server/messages.py) and
+awaits the engine thread's answer (accepted, or the ValueError that names the bad field);
+outputs come back per request through an asyncio.Queue, all of a step's in one
+`loop.call_soon_threadsafe`.
 The thread steps while there is work and sleeps on the inbox when there is none; `launch`
 builds the engine on that same thread (see there why).
 
@@ -19,10 +20,11 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from engine import LLMEngine, RequestOutput, SamplingParams
+from server.messages import (ACCEPTED, Abort, AbortAll, Add, RequestChannel, RequestStream,
+                             Wake, deliver)
 
 logger = logging.getLogger("kvserve.server")
 
@@ -39,78 +41,21 @@ class Draining(Exception):
     """The server is shutting down and admits nothing new."""
 
 
-@dataclass
-class _Stream:
-    request_id: str
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    deadline: float | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    num_tokens: int = 0
-
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
-            pass
-
-
-def _deliver(items: list) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-_ACCEPTED = object()
-_FINISHED = object()
-
-
-class RequestStream:
-    """What add_request returns: iterate it for the request's outputs."""
-
-    def __init__(self, engine: "AsyncEngine", stream: _Stream):
-        self._engine = engine
-        self._stream = stream
-        self.request_id = stream.request_id
-        self.finished = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._stream.queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item is _FINISHED:
-            self.finished = True
-            raise StopAsyncIteration
-        if item.finished:
-            self.finished = True
-        return item
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._engine.abort(self.request_id)
-
-
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine | None, max_queue: int | None = None,
-                 request_timeout: float | None = None, metrics=None):
-        self.engine = engine    # None until launch() has built it on the engine thread
+    """Made by launch(), which builds the engine on the engine thread."""
+
+    def __init__(self, build: Callable[[], LLMEngine],
+                 make_metrics: Callable[[LLMEngine], object] | None = None,
+                 max_queue: int | None = None, request_timeout: float | None = None):
+        self.engine: LLMEngine | None = None  # set once built on the engine thread
         self.max_queue = max_queue
         self.request_timeout = request_timeout
-        self.metrics = metrics
+        self.metrics = None                   # make_metrics(engine), once built
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}   # owned by the engine thread
+        self._streams: dict[str, RequestChannel] = {}  # owned by the engine thread
         self._lock = threading.Lock()
-        self._pending_adds = 0                   # posted, not yet taken by the thread
-        self._num_waiting = 0                    # the scheduler's queue, published per step
+        self._pending_adds = 0                 # posted, not yet taken by the thread
+        self._num_waiting = 0                  # the scheduler's queue, published per step
         self._num_requests = 0
         self.error: BaseException | None = None
         # called on the engine thread after a failed step has failed every request (the
@@ -120,8 +65,7 @@ class AsyncEngine:
         self._hurry = False  # hurry(): a drain stops waiting and aborts what is left now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
-        self._build: Callable[[], LLMEngine] | None = None
-        self._make_metrics: Callable[[LLMEngine], object] | None = None
+        self._build, self._make_metrics = build, make_metrics
         self._built = threading.Event()
         # test hook: raise inside the step with this number (engine-fault tests)
         self._fault_at = int(os.environ.get("KVSERVE_FAULT_AT_STEP", "0") or 0)
@@ -140,17 +84,13 @@ class AsyncEngine:
         stops spinning between parallel regions.  A model loaded on the main thread and
         stepped on another ran ~20% slower per step on a 2-core box; loaded and stepped on one
         thread, there is one team and the step runs as fast as offline."""
-        self = cls(None, **kwargs)
-        self._build, self._make_metrics = build, make_metrics
+        self = cls(build, make_metrics, **kwargs)
         self._thread.start()
         self._built.wait()
         if self.engine is None:
             self._thread.join()
             raise self.error
         return self
-
-    def start(self) -> None:
-        self._thread.start()
 
     @property
     def healthy(self) -> bool:
@@ -169,48 +109,25 @@ class AsyncEngine:
         if self.max_queue is not None and self._num_waiting + self._pending_adds >= self.max_queue:
             raise QueueFull(f"{self._num_waiting + self._pending_adds} requests are waiting "
                             f"(--max-queue {self.max_queue}); retry later")
-        stream = _Stream(request_id, asyncio.get_running_loop())
+        channel = RequestChannel(request_id, asyncio.get_running_loop())
         if self.request_timeout:
-            stream.deadline = stream.arrival + self.request_timeout
+            channel.deadline = channel.timing.arrival + self.request_timeout
         with self._lock:
             self._pending_adds += 1
-        self._inbox.put(("add", request_id, prompt, params, stream))
+        self._inbox.put(Add(request_id, prompt, params, channel))
         if self.error is not None:  # the thread died between our check and the put
             self._fail_inbox(self.error)
         try:
-            ack = await stream.queue.get()
+            ack = await channel.queue.get()
         except asyncio.CancelledError:  # the client left before the engine took it
             self.abort(request_id)
             raise
         if isinstance(ack, BaseException):
             raise ack
-        return RequestStream(self, stream)
+        return RequestStream(channel, self.abort)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-
-    def call(self, fn):
-        """Run fn(engine) on the engine thread (e.g. tokenizer-free state reads) and wait."""
-        done = threading.Event()
-        box = {}
-
-        def job(engine):
-            try:
-                box["value"] = fn(engine)
-            except BaseException as e:  # noqa: BLE001 - handed back to the caller
-                box["error"] = e
-            done.set()
-        if not self.healthy:
-            raise EngineDead(f"the engine is not running: {self.error!r}")
-        self._inbox.put(("call", job))
-        while not done.wait(0.1):
-            if not self.healthy:
-                self._fail_inbox(self.error)
-                if not done.is_set():
-                    raise EngineDead(f"the engine is not running: {self.error!r}")
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        self._inbox.put(Abort(request_id))
 
     async def drain(self, timeout: float) -> int:
         """Stop admitting, let running requests finish for up to `timeout` seconds, abort
@@ -222,7 +139,7 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         left = self.num_unfinished
         if left:
-            self._inbox.put(("abort_all",))
+            self._inbox.put(AbortAll())
             while self.num_unfinished and self.healthy and time.monotonic() < end + 5:
                 await asyncio.sleep(0.02)
         return left
@@ -233,24 +150,22 @@ class AsyncEngine:
 
     def stop(self) -> None:
         self._stop.set()
-        self._inbox.put(("wake",))
+        self._inbox.put(Wake())
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
     # ---------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
-        if self._build is not None:
-            try:
-                engine = self._build()
-                self.metrics = self._make_metrics(engine) if self._make_metrics else None
-                self.engine = engine
-            except BaseException as e:  # noqa: BLE001 - launch() re-raises it
-                self.error = e
-                return
-            finally:
-                self._built.set()
-        engine = self.engine
+        try:
+            engine = self._build()
+            self.metrics = self._make_metrics(engine) if self._make_metrics else None
+            self.engine = engine
+        except BaseException as e:  # noqa: BLE001 - launch() re-raises it
+            self.error = e
+            return
+        finally:
+            self._built.set()
         steps = 0
         try:
             while not self._stop.is_set():
@@ -287,12 +202,10 @@ class AsyncEngine:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
+            if isinstance(cmd, Add):
                 with self._lock:
                     self._pending_adds -= 1
-                cmd[4].put(EngineDead(f"the engine failed: {error!r}"))
-            elif cmd[0] == "call":
-                cmd[1](self.engine)
+                cmd.channel.put(EngineDead(f"the engine failed: {error!r}"))
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -301,24 +214,22 @@ class AsyncEngine:
             except queue.Empty:
                 return
             block = False
-            kind = cmd[0]
-            if kind == "add":
-                self._add(*cmd[1:])
-            elif kind == "abort":
-                self._abort(cmd[1], None)
-            elif kind == "abort_all":
+            if isinstance(cmd, Add):
+                self._add(cmd)
+            elif isinstance(cmd, Abort):
+                self._abort(cmd.request_id, None)
+            elif isinstance(cmd, AbortAll):
                 for rid in list(self._streams):
                     self._abort(rid, None)
-            elif kind == "call":
-                cmd[1](self.engine)
-            self._refresh()
+            self._refresh()  # after every message
 
-    def _add(self, request_id: str, prompt: list[int], params: SamplingParams,
-             stream: _Stream) -> None:
+    def _add(self, cmd: Add) -> None:
+        request_id, stream = cmd.request_id, cmd.channel
         try:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            self.engine.add_request(request_id, prompt, params, arrival_time=stream.arrival)
+            self.engine.add_request(request_id, cmd.prompt, cmd.params,
+                                    arrival_time=stream.timing.arrival)
         except ValueError as e:
             stream.put(e)
         except BaseException as e:  # an engine bug: fail this request too, then the engine
@@ -329,9 +240,7 @@ class AsyncEngine:
             # it waits until the next step; counted before it stops being pending below, so
             # --max-queue never sees a gap in which it is neither
             self._num_waiting += 1
-            if self.metrics:
-                self.metrics.on_added(stream)
-            stream.put(_ACCEPTED)
+            stream.put(ACCEPTED)
         finally:
             # counted as running before it stops counting as pending: drain() never sees a
             # gap in which an accepted request is neither
@@ -349,7 +258,7 @@ class AsyncEngine:
                 if c.finish_reason == "abort":
                     c.finish_reason = reason
         if self.metrics:
-            self.metrics.on_finished(stream, out)
+            self.metrics.on_finished(stream.timing, out)
         stream.put(out)
 
     def _expire(self) -> None:
@@ -379,14 +288,14 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            if stream.scheduled_time is None:
-                stream.scheduled_time = out.first_scheduled_time
+            if stream.timing.scheduled is None:
+                stream.timing.scheduled = out.first_scheduled_time
             if self.metrics:
-                self.metrics.on_output(stream, out, now)
+                self.metrics.on_output(stream.timing, out, now)
             if out.finished:
                 del self._streams[out.request_id]
                 if self.metrics:
-                    self.metrics.on_finished(stream, out)
+                    self.metrics.on_finished(stream.timing, out)
             ready.setdefault(stream.loop, []).append((stream.queue, out))
         # counters and gauges first: a client reacting to its token must not find the queue
         # length (admission) or a metrics scrape from before this step
@@ -395,6 +304,6 @@ class AsyncEngine:
             self.metrics.on_step(stats, now - t0)
         for loop, items in ready.items():  # one wake-up of each loop per step, not per request
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the loop is closed: the server is gone
                 pass

@@ -6,6 +6,7 @@ Counters get prometheus-client's `_total` suffix in the exposition, as vLLM's do
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                disable_created_metrics, generate_latest)
@@ -17,6 +18,17 @@ LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0
            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
        5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+@dataclass
+class RequestTiming:
+    """One request's clock (time.monotonic), kept beside its stream on the engine thread:
+    what the latency histograms are computed from."""
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None     # first scheduled (queue time)
+    first_token: float | None = None   # first output token seen (TTFT)
+    last_token: float | None = None    # the latest step that brought tokens (ITL)
+    num_tokens: int = 0                # output tokens seen so far, all choices
 
 
 def _token_buckets(max_len: int) -> list[float]:
@@ -80,33 +92,34 @@ class Metrics:
 
     # called from the engine thread
 
-    def on_added(self, stream) -> None:
-        pass
-
-    def on_output(self, stream, out, now: float) -> None:
+    def on_output(self, timing: RequestTiming, out, now: float) -> None:
+        """A step's output of one request: TTFT at its first tokens, ITL after (a step that
+        brought several tokens counts each at an equal share of the gap)."""
         n = sum(len(c.token_ids) for c in out.outputs)
-        new = n - stream.num_tokens
+        new = n - timing.num_tokens
         if new <= 0:
             return
-        if stream.first_token_time is None:
-            stream.first_token_time = now
-            self.ttft.observe(now - stream.arrival)
-        elif stream.last_token_time is not None:
-            gap = (now - stream.last_token_time) / new
+        if timing.first_token is None:
+            timing.first_token = now
+            self.ttft.observe(now - timing.arrival)
+        elif timing.last_token is not None:
+            gap = (now - timing.last_token) / new
             for _ in range(new):
                 self.itl.observe(gap)
-        stream.last_token_time = now
-        stream.num_tokens = n
+        timing.last_token = now
+        timing.num_tokens = n
 
-    def on_finished(self, stream, out, now: float | None = None) -> None:
+    def on_finished(self, timing: RequestTiming, out, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for c in out.outputs:
-            self.success.labels(finished_reason=c.finish_reason or "abort", **self.labels).inc()
-        self.e2e.observe(now - stream.arrival)
+            # str(): a finish reason may be a str enum; the label is its value
+            reason = str(c.finish_reason or "abort")
+            self.success.labels(finished_reason=reason, **self.labels).inc()
+        self.e2e.observe(now - timing.arrival)
         self.prompt_len.observe(len(out.prompt_token_ids))
         self.gen_len.observe(sum(len(c.token_ids) for c in out.outputs))
-        if stream.scheduled_time is not None:
-            self.queue_time.observe(max(0.0, stream.scheduled_time - stream.arrival))
+        if timing.scheduled is not None:
+            self.queue_time.observe(max(0.0, timing.scheduled - timing.arrival))
 
     def on_state(self, stats: dict) -> None:
         self.running.set(stats["num_running"])
