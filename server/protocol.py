@@ -3,7 +3,8 @@ SamplingParams, and the response bodies the OpenAPI spec documents.
 
 Unknown fields are ignored, as OpenAI's and vLLM's servers do; known fields are strict (no
 "5" for 5, no 1.5 for an integer) and carry their bounds, so /openapi.json tells clients what
-is accepted.  SamplingParams checks the same bounds again for the engine's own callers."""
+is accepted.  SamplingParams checks the same bounds again for the engine's own callers (its
+module defines the numbers both use)."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
@@ -11,15 +12,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from engine import SamplingParams
+from engine.errors import ParamError
+from engine.sampling_params import (MAX_ABS_LENGTH_PENALTY, MAX_LOGPROBS, MAX_PENALTY,
+                                    MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY)
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
 # Below this a temperature is greedy (as in vLLM): logits / 1e-300 overflow to inf, and
 # inf - inf = NaN in the sampler.
 MIN_TEMPERATURE = 1e-5
-# Bounds that keep the engine's arithmetic finite for any model length: logits divided by a
-# repetition penalty near 0 overflow, and (5 + len) ** length_penalty over/underflows.
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
-MAX_ABS_LENGTH_PENALTY = 10.0
 
 
 REQUEST = ConfigDict(extra="ignore", strict=True)
@@ -55,8 +55,10 @@ class _Sampling(BaseModel):
     stop: Union[Text, list[Text], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                           allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                            allow_inf_nan=False)
     seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 63)  # int64, as vLLM takes it
     user: str | None = None
     logit_bias: dict[str, float] | None = None
@@ -73,14 +75,14 @@ class _Sampling(BaseModel):
     beam_width: int | None = Field(None, ge=1, le=MAX_N)
     length_penalty: float = Field(1.0, ge=-MAX_ABS_LENGTH_PENALTY, le=MAX_ABS_LENGTH_PENALTY,
                                   allow_inf_nan=False)
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises ValueError naming the field for values the engine rejects. prompt_logprobs:
+        """Raises ParamError naming the field for values the engine rejects. prompt_logprobs:
         how many top entries to score the prompt with (default: the request's field)."""
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise ParamError("logit_bias", "logit_bias is not supported")
         if prompt_logprobs is None:
             prompt_logprobs = self.prompt_logprobs
         kw = dict(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens,
@@ -102,7 +104,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: Union[Text, list[Text], list[int], list[list[int]]]
     max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: Text | None = None
@@ -126,8 +128,8 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise ValueError(f"messages: content parts of type {part.type!r} are not "
-                                 f"supported (text only)")
+                raise ParamError("messages", f"messages: content parts of type {part.type!r} "
+                                             f"are not supported (text only)")
             parts.append(part.text)
         return "".join(parts)
 
@@ -137,7 +139,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
     tool_choice: Union[str, dict, None] = None
     response_format: dict | None = None
