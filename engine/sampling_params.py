@@ -4,6 +4,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from engine.errors import ParamError
+
+# Bounds that keep the engine's arithmetic finite for any model length: logits divided by a
+# repetition penalty near 0 overflow, and (5 + len) ** length_penalty over/underflows. The
+# server's request models (server/protocol.py) publish the same numbers in /openapi.json.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_ABS_LENGTH_PENALTY = 10.0
+MAX_PENALTY = 2.0       # presence and frequency penalties lie in [-2, 2] (OpenAI's bounds)
+MAX_LOGPROBS = 20       # top entries per position, as OpenAI's top_logprobs
+# Below this a temperature is greedy (vLLM's threshold too): logits / 1e-300 overflow to inf,
+# and inf - inf = NaN in the sampler.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -41,11 +54,14 @@ class SamplingParams:
                f"must be in (0, 1], got {self.top_p}")
         _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p",
                f"must be in [0, 1], got {self.min_p}")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        _check(_finite(self.repetition_penalty)
+               and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               "repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, "
+               f"{MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_finite(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
+            _check(_finite(value) and -MAX_PENALTY <= value <= MAX_PENALTY, name,
+                   f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
         _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "max_tokens", f"must be >= 1, got {self.max_tokens}")
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
@@ -58,20 +74,20 @@ class SamplingParams:
                "must be non-negative token ids")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and 0 <= value <= 20), name,
-                   f"must be between 0 and 20, got {value}")
+            _check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                   name, f"must be between 0 and {MAX_LOGPROBS}, got {value}")
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         _check(isinstance(self.beam_width, int) and self.beam_width >= 1, "beam_width",
                f"must be >= 1, got {self.beam_width}")
-        _check(_finite(self.length_penalty) and abs(self.length_penalty) <= 10, "length_penalty",
-               f"must be a number in [-10, 10], got {self.length_penalty}")
+        _check(_finite(self.length_penalty) and abs(self.length_penalty) <= MAX_ABS_LENGTH_PENALTY,
+               "length_penalty", f"must be a number in [-{MAX_ABS_LENGTH_PENALTY:g}, "
+               f"{MAX_ABS_LENGTH_PENALTY:g}], got {self.length_penalty}")
         _check(not self.use_beam_search or self.n <= self.beam_width, "n",
                f"must be <= beam_width ({self.beam_width}) with beam search, got {self.n}")
 
     @property
     def greedy(self) -> bool:
-        # below 1e-5 a temperature is greedy in all but overflow (vLLM's threshold too)
-        return self.temperature < 1e-5 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def _finite(x) -> bool:
@@ -80,4 +96,4 @@ def _finite(x) -> bool:
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"{name} {message}")
+        raise ParamError(name, f"{name} {message}")
