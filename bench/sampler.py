@@ -88,7 +88,7 @@ def model_step(batch: int, repeats: int):
     assert sched.num_tokens == [1] * batch, "not a pure decode step"
     runner, times = engine.runner, []
     with torch.inference_mode():
-        input_ids, positions, meta, _ = runner._prepare(sched.seqs, sched.num_tokens)
+        input_ids, positions, meta, _ = runner.prepare(sched.seqs, sched.num_tokens)
         for i in range(repeats + 2):
             t0 = time.perf_counter()
             hidden = runner.model(input_ids, positions, runner.kv_caches, meta)

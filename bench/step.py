@@ -56,7 +56,7 @@ def timeit(fn, reps: int) -> float:
 
 
 def step_fns(runner, seqs):
-    input_ids, positions, meta, _ = runner._prepare(seqs, [1] * len(seqs))
+    input_ids, positions, meta, _ = runner.prepare(seqs, [1] * len(seqs))
     model = runner.model
 
     def eager():
@@ -123,7 +123,7 @@ def main() -> int:
             tm = timeit(fused_mixed, args.reps)
             # the long sequence's own attention: one query against its keys, every layer
             m = engine.config.model
-            _, meta_in, meta, _ = runner._prepare(long_seq, [1])
+            _, meta_in, meta, _ = runner.prepare(long_seq, [1])
             q = torch.randn(1, m.num_heads, m.head_dim, dtype=engine.config.dtype)
             kc, vc = runner.kv_caches[0]
             ta = timeit(lambda: cpu.paged_attention(q, kc, vc, meta.block_tables,

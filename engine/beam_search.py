@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from engine.outputs import FinishReason
+from engine.sampler import compute_logprobs
 from engine.sequence import Sequence
 
 
@@ -31,7 +35,7 @@ def normalized_score(cumulative_logprob: float, length: int, length_penalty: flo
 class Hypothesis:
     token_ids: list[int]          # generated tokens
     cumulative_logprob: float
-    finish_reason: str
+    finish_reason: FinishReason
     logprobs: list | None = None
 
     def score(self, length_penalty: float) -> float:
@@ -47,12 +51,13 @@ class Candidate:
 
 
 class BeamSearchState:
-    """The beams and finished hypotheses of one request."""
+    """The beams, their next-token candidates and the finished hypotheses of one request."""
 
     def __init__(self, first: Sequence):
         self.params = first.params
         self.width = first.params.beam_width
         self.live: list[Sequence] = [first]
+        self.candidates: dict[int, tuple[list[int], list[float]]] = {}  # seq_id -> top 2B
         self.finished: list[Hypothesis] = []
         self.done = False
         self._indices = 1
@@ -63,14 +68,14 @@ class BeamSearchState:
 
     def ready(self) -> bool:
         """Every live beam has its candidates for the next token."""
-        return all(s.beam_candidates is not None for s in self.live)
+        return all(s.seq_id in self.candidates for s in self.live)
 
     def rank(self, classify) -> tuple[list[Candidate], list[Candidate]]:
         """(continuations, closing candidates): the best B candidates that classify(beam,
         token) says "keep" over all beams, and those it says "close" ranked within the top B;
         "drop" candidates are neither."""
         cands = [Candidate(beam, t, lp, beam.cumulative_logprob + lp)
-                 for beam in self.live for t, lp in zip(*beam.beam_candidates)]
+                 for beam in self.live for t, lp in zip(*self.candidates[beam.seq_id])]
         cands.sort(key=lambda c: c.score, reverse=True)
         keep, close = [], []
         for rank, c in enumerate(cands):
@@ -98,3 +103,92 @@ class BeamSearchState:
     def best(self, n: int) -> list[Hypothesis]:
         a = self.params.length_penalty
         return sorted(self.finished, key=lambda h: h.score(a), reverse=True)[:n]
+
+
+class BeamSearch:
+    """Beam search's part of every engine step: the beams' rows of the logits become
+    candidates; once all of a request's beams have theirs, the request advances one token
+    (forks, prunes and closes beams through the scheduler, appends tokens through the output
+    processor, by the same stop rules as sampled tokens)."""
+
+    def __init__(self, scheduler, output):
+        self.scheduler = scheduler   # engine.scheduler.Scheduler
+        self.output = output         # engine.output_processor.OutputProcessor
+        self.stop = output.stop
+
+    def take_candidates(self, seqs: list[Sequence], logits: torch.Tensor,
+                        states: dict[str, BeamSearchState]):
+        """Give every beam row its top 2B next tokens (more if it asked for more logprobs);
+        return the other rows and their logits."""
+        beam = [i for i, s in enumerate(seqs) if s.params.use_beam_search]
+        rest = [i for i, s in enumerate(seqs) if not s.params.use_beam_search]
+        k = max(max(2 * seqs[i].params.beam_width, seqs[i].params.logprobs or 0) for i in beam)
+        lp = compute_logprobs(logits[torch.tensor(beam, device=logits.device)])
+        top_lp, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for row, i in enumerate(beam):
+            seq = seqs[i]
+            states[seq.request_id].candidates[seq.seq_id] = (top_ids[row], top_lp[row])
+        if not rest:
+            return [], None
+        return [seqs[i] for i in rest], logits[torch.tensor(rest, device=logits.device)]
+
+    def step(self, st: BeamSearchState) -> None:
+        """One token for every beam of a ready request: rank, close, fork, prune, append."""
+        p = st.params
+
+        def classify(beam: Sequence, token: int) -> str:  # "keep", "close" or "drop"
+            # a stop token before min_tokens is a candidate nobody takes, as the sampler
+            # masks it for a sampled token
+            if not self.stop.is_stop_token(p, token):
+                return "keep"
+            return "close" if self.stop.may_stop(p, beam.num_output_tokens + 1) else "drop"
+
+        keep, close = st.rank(classify)
+        for c in close:
+            st.finished.append(Hypothesis(c.beam.output_token_ids + [c.token], c.score,
+                                          FinishReason.STOP,
+                                          self._logprobs(st, c.beam, c.token, c.logprob)))
+        kids: dict[int, list[Candidate]] = {}
+        for c in keep:
+            kids.setdefault(c.beam.seq_id, []).append(c)
+        live = []
+        for beam in st.live:
+            mine = kids.get(beam.seq_id, [])
+            if not mine:
+                self.scheduler.finish(beam, FinishReason.ABORT)  # pruned: its blocks go back
+                continue
+            for c in mine[1:]:  # fork before the beam itself moves on
+                child = Sequence(beam.request_id, st.next_index(),
+                                 beam.token_ids[:beam.num_prompt_tokens], p, beam.arrival_time)
+                self.scheduler.fork(beam, child)
+                live.append((child, c))
+            live.append((beam, mine[0]))
+        st.live = []
+        for seq, c in live:
+            self.output.append_token(seq, c.token, c.logprob, self._top(st, c.beam, c.token))
+            if reason := self.stop.length_reason(seq):
+                st.finished.append(Hypothesis(seq.output_token_ids, seq.cumulative_logprob,
+                                              reason, seq.logprobs))
+                self.scheduler.finish(seq, reason)
+            else:
+                st.live.append(seq)
+        st.candidates.clear()  # every beam's candidates are consumed
+        if st.should_stop():
+            for seq in st.live:
+                self.scheduler.finish(seq, FinishReason.LENGTH)
+            st.live, st.done = [], True
+
+    @staticmethod
+    def _top(st: BeamSearchState, beam: Sequence, token: int):
+        """(rank, top ids, top logprobs) of token among beam's candidates, for logprobs."""
+        if beam.logprobs is None:
+            return None
+        ids, lps = st.candidates[beam.seq_id]
+        k = beam.params.logprobs
+        return ids.index(token) + 1, ids[:k], lps[:k]
+
+    def _logprobs(self, st: BeamSearchState, beam: Sequence, token: int, logprob: float):
+        if beam.logprobs is None:
+            return None
+        return beam.logprobs + [self.output.entry(token, logprob, self._top(st, beam, token))]

@@ -1,7 +1,8 @@
 """Capacity planning: parameters, KV bytes per token (the lecture's formula, with GQA and the
 sliding window), KV blocks for a memory budget, and how many sequences fit at once.
 
-Everything here is arithmetic on a ModelConfig: no weights are loaded.
+Everything here is arithmetic on a ModelConfig: no weights are loaded.  (Over 300 lines: the
+plan's numbers and the report that explains each of them, `kvserve info`, stay side by side.)
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from functools import cached_property
 
 import torch
 
+from engine.block_manager import ADMISSION_WATERMARK, blocks_spanning
 from engine.config import EngineConfig, ModelConfig, parse_size, resolve_device, resolve_dtype
 from engine.loader import GGUFHeader, ModelSource, hf_config, resolve_model
 
 DEFAULT_CPU_KV_MEMORY = "1GiB"
 GPU_MEMORY_UTILIZATION = 0.9
-ADMISSION_WATERMARK = 0.01  # KVCacheManager keeps this share of blocks free when admitting
 
 
 # ---------------------------------------------------------------- budget -> blocks
@@ -47,7 +48,7 @@ def resolve_max_model_len(model: ModelConfig, num_kv_blocks: int, block_size: in
     With a sliding window a sequence holds a bounded number of blocks, so only those must fit."""
     capacity = (num_kv_blocks - 1) * block_size
     if model.sliding_window is not None:
-        need = -(-(model.sliding_window - 1) // block_size) + 1
+        need = blocks_spanning(model.sliding_window, block_size)
         if need > num_kv_blocks - 1:
             raise ValueError(f"the sliding window of {model.sliding_window} tokens needs {need} "
                              f"KV blocks, only {num_kv_blocks - 1} available")
@@ -168,15 +169,11 @@ class CapacityPlan:
     def kv_bytes_per_seq(self) -> int:
         return self.kept_tokens * self.kv_bytes_per_token
 
-    def _blocks_spanning(self, num_positions: int) -> int:
-        # n consecutive positions at the worst alignment within blocks
-        return -(-(num_positions - 1) // self.block_size) + 1
-
     @cached_property
     def blocks_per_seq(self) -> int:
         """Blocks a sequence holds at steady decode: all of them, or the window's bound."""
         full = -(-self.seq_len // self.block_size)
-        return min(full, self._blocks_spanning(self.window)) if self.window else full
+        return min(full, blocks_spanning(self.window, self.block_size)) if self.window else full
 
     @property
     def prefill_chunk(self) -> int:
@@ -188,7 +185,7 @@ class CapacityPlan:
         full = -(-self.seq_len // self.block_size)
         if not self.window:
             return full
-        return min(full, self._blocks_spanning(self.window + self.prefill_chunk - 1))
+        return min(full, blocks_spanning(self.window + self.prefill_chunk - 1, self.block_size))
 
     @cached_property
     def seqs_at_once(self) -> int:

@@ -81,7 +81,7 @@ class ModelRunner:
         if copies:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        input_ids, positions, meta, sample_rows = self._prepare(seqs, num_tokens)
+        input_ids, positions, meta, sample_rows = self.prepare(seqs, num_tokens)
         hidden = self.forward(input_ids, positions, meta)
         if any(s.prompt_logprobs is not None for s in seqs):
             self._prompt_logprobs(seqs, num_tokens, hidden)
@@ -132,7 +132,10 @@ class ModelRunner:
                                   (top_logits - lse).tolist()))
             offset += n
 
-    def _prepare(self, seqs: list[Sequence], num_tokens: list[int]):
+    def prepare(self, seqs: list[Sequence], num_tokens: list[int]):
+        """The flat batch of a step: input ids [T], positions [T], the attention metadata
+        (slot mapping, block tables, cu_seqlens, seq lens) and the indices of the sequences
+        whose last token is in it (those sample). Reads the sequences' block tables only."""
         bs = self.config.block_size
         n_new = np.asarray(num_tokens, dtype=np.int64)                   # [S]
         start = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))

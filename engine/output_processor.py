@@ -1,22 +1,21 @@
 """After the sampler: append tokens, detokenize, stop (EOS, stop ids, stop strings, lengths),
-and build what users read (text held back while it could still become a stop string,
-logprobs in vLLM's shape)."""
+and build what users read: a request's RequestOutput (text held back while it could still
+become a stop string, logprobs in vLLM's shape, beam search's best hypotheses)."""
 from __future__ import annotations
 
-from engine.outputs import CompletionOutput, Logprob
+from engine.outputs import CompletionOutput, FinishReason, Logprob, RequestOutput
 from engine.sequence import Sequence
+from engine.stop_rules import StopRules
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None, eos_token_ids: frozenset[int],
-                 max_model_len: int):
+    def __init__(self, tokenizer: Tokenizer | None, stop: StopRules):
         self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids
-        self.max_model_len = max_model_len
+        self.stop = stop
 
     def append(self, seq: Sequence, token: int, logprob: float,
-               top: tuple[int, list[int], list[float]] | None = None) -> str | None:
+               top: tuple[int, list[int], list[float]] | None = None) -> FinishReason | None:
         """Add one sampled token to seq; returns the finish reason if seq is done.
         `top` = (rank of token, top ids, their logprobs) when the request asked for logprobs."""
         self.append_token(seq, token, logprob, top)
@@ -26,27 +25,14 @@ class OutputProcessor:
             if seq.detok is None:
                 seq.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
             new_text = len(seq.detok.step(seq.output_token_ids))
-        if self.may_stop(p, seq.num_output_tokens):
-            if self.stop_token(p, token):
+        if self.stop.may_stop(p, seq.num_output_tokens):
+            if self.stop.is_stop_token(p, token):
                 if token in p.stop_token_ids:
                     seq.stop_reason = token
-                return "stop"
+                return FinishReason.STOP
             if p.stop_list and new_text and self._stop_string(seq, new_text):
-                return "stop"
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def stop_token(self, p, token: int) -> bool:
-        """token ends a sequence (a stop id, or EOS unless ignored), once it may stop."""
-        return token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-
-    @staticmethod
-    def may_stop(p, num_output_tokens: int) -> bool:
-        """An output of this many tokens (the new one included) may end: min_tokens holds."""
-        return num_output_tokens > p.min_tokens
+                return FinishReason.STOP
+        return self.stop.length_reason(seq)
 
     def append_token(self, seq: Sequence, token: int, logprob: float,
                      top: tuple[int, list[int], list[float]] | None = None) -> None:
@@ -119,3 +105,25 @@ class OutputProcessor:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+    def request_output(self, req) -> RequestOutput:
+        """What a request (engine.request.Request) has produced so far."""
+        raw = req.prompt_logprobs
+        if raw is not None and req.formatted_prompt_logprobs is None \
+                and len(raw) == len(req.prompt_token_ids):
+            req.formatted_prompt_logprobs = self.prompt_logprobs(raw)
+        if req.beam is not None:  # reported once, when the search ends or is aborted
+            outputs, finished = self._beam_completions(req.beam), True
+        else:
+            outputs, finished = [self.completion(seq) for seq in req.seqs], req.finished
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs,
+                             finished=finished, prompt_logprobs=req.formatted_prompt_logprobs,
+                             first_scheduled_time=req.first.first_scheduled_time)
+
+    def _beam_completions(self, st) -> list[CompletionOutput]:
+        """The best n hypotheses of a beam search (all "abort" when it was cut short)."""
+        skip = st.params.skip_special_tokens
+        return [CompletionOutput(i, self.text(h.token_ids, skip), h.token_ids,
+                                 h.cumulative_logprob, h.logprobs,
+                                 h.finish_reason if st.done else FinishReason.ABORT)
+                for i, h in enumerate(st.best(st.params.n))]

@@ -1,7 +1,16 @@
 """What generate() returns (vLLM's shapes, so users know them)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class FinishReason(enum.StrEnum):
+    """Why an output ended (OpenAI's finish_reason). A str: `== "stop"` and json hold."""
+    STOP = "stop"          # EOS, a stop token id or a stop string
+    LENGTH = "length"      # max_tokens, or the context is full
+    ABORT = "abort"        # cancelled (client gone, shutdown, pruned beam)
+    TIMEOUT = "timeout"    # the server's --request-timeout
 
 
 @dataclass
@@ -18,7 +27,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None = None  # per output token, when asked for
-    finish_reason: str | None = None   # "stop" | "length" | "abort" | None while running
+    finish_reason: FinishReason | None = None   # None while running
     stop_reason: int | str | None = None
 
     @property

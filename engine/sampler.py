@@ -32,6 +32,8 @@ How the draw is made, and why:
   * A row with a seed draws its uniforms from its own generator (seed + seq.index, made on
     first use), two per round it takes part in, so its tokens do not depend on the rest of the
     batch. Unseeded rows share the global RNG.
+
+(Over 300 lines: the steps above are one batched pass, kept in one file in their order.)
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sequence import Sequence
+from engine.stop_rules import StopRules
 
 
 @dataclass
@@ -59,14 +62,14 @@ def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: frozenset[int] | set[int] = frozenset()):
-        self.eos_token_ids = frozenset(eos_token_ids)
+    def __init__(self, stop: StopRules | None = None):
+        self.stop = stop or StopRules()  # what min_tokens keeps from ending an output
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         # logits: [N, V], row i belongs to seqs[i]
         logits = logits.float()
-        b = _Batch.of(seqs, logits.shape[1], self.eos_token_ids, logits.device)
+        b = _Batch.of(seqs, logits.shape[1], self.stop, logits.device)
         if b.plain_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -104,7 +107,7 @@ class _Batch:
         return not (self.random_rows or self.banned or self.penalised or self.logprob_rows)
 
     @classmethod
-    def of(cls, seqs: list[Sequence], vocab: int, eos: frozenset[int],
+    def of(cls, seqs: list[Sequence], vocab: int, stop: StopRules,
            device: torch.device) -> "_Batch":
         b = cls()
         for row, seq in enumerate(seqs):
@@ -119,8 +122,7 @@ class _Batch:
                 b.min_p.append(p.min_p)
                 b.generators.append(None if p.seed is None else _generator(seq, device))
             if p.min_tokens and seq.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
-                if banned := sorted(t for t in banned if t < vocab):
+                if banned := sorted(t for t in stop.stop_tokens(p) if t < vocab):
                     b.banned[row] = banned
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
                 b.penalised.add(row)

@@ -3,7 +3,9 @@
 There is no prefill or decode phase: a sequence has `num_computed_tokens` out of
 `num_tokens`, and each step it gets up to the remaining count (decode = 1, prefill = a
 chunk).  Running sequences go first; waiting ones are admitted with what budget is left.
-When blocks run out the newest running sequence is preempted by recompute.
+When blocks run out the newest running sequence is preempted by recompute.  The scheduler
+owns every sequence's place (waiting, running, finished) and, through the KVCacheManager, its
+blocks: `schedule()` before the step, `update()` after it, `fork()` and `finish()` between.
 
 While any running sequence is generating, the prompts computed in the same step share a
 smaller budget, `prefill_chunk`, counted in token-equivalents: a prompt token after s earlier
@@ -20,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import KVCacheManager
+from engine.outputs import FinishReason
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -68,7 +71,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         if self.kv.sliding_window is not None:
-            for seq in self.running:  # also those the budget does not reach this step
+            # update() evicted what the last step's tokens put out of the window; this catches
+            # a sequence whose progress was recorded without it (tests drive the KV by hand)
+            for seq in self.running:
                 self.kv.evict_out_of_window(seq)
         # prompts' share of a step that also generates (module docstring)
         self._prefill_left = math.inf
@@ -100,6 +105,26 @@ class Scheduler:
             self._admit(out, budget)
         out.copies = self.kv.take_copies()
         return out
+
+    def update(self, out: SchedulerOutput,
+               sampling: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """After the runner computed `out`: its tokens' K/V are in the cache (published to the
+        prefix cache, evicted past the window), and a parent of n > 1 that sampled its first
+        token forks its children now, sharing its blocks. `sampling`: the sequences the
+        runner gave a logits row, in row order. Returns the sequences that sample this step
+        and the logits row of each (a child shares its parent's)."""
+        for seq, n in zip(out.seqs, out.num_tokens):
+            self.kv.advance(seq, n)
+        seqs, rows = [], []
+        for row, seq in enumerate(sampling):
+            seqs.append(seq)
+            rows.append(row)
+            for child in seq.pending_children:
+                self.fork(seq, child)
+                seqs.append(child)
+                rows.append(row)
+            seq.pending_children = []
+        return seqs, rows
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         # With a sliding window a sequence's blocks are bounded: keep free what the running
@@ -194,7 +219,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence wherever it is (done, aborted, timed out) and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)

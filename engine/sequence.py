@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from engine.outputs import FinishReason
 from engine.sampling_params import SamplingParams
 
 
@@ -21,35 +22,42 @@ _ids = itertools.count()
 
 
 class Sequence:
+    """One output being generated. Its fields are grouped by the one component that writes
+    them; everyone else only reads."""
+
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, arrival_time: float | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index                    # which of the request's n outputs
+        self.params = params
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # tokens: the prompt, then what the output processor (or beam search) appends
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        # the scheduler: place, progress, forks (engine/scheduler.py)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0          # tokens whose K/V are in the cache
+        self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None  # time.monotonic() at first admission
+        self.pending_children: list[Sequence] = []  # n > 1: forked at this seq's first sample
+        # the KV cache manager: the block table (engine/block_manager.py)
         self.block_ids: list[int] = []         # block table; NULL_BLOCK where evicted
         self.block_hashes: list[int] = []      # chained hash of each full block of token_ids
         self.num_cached_blocks = 0             # leading blocks published to the prefix cache
         self.num_evicted_blocks = 0            # leading blocks freed by the sliding window
-        self.params = params
-        self.status = SequenceStatus.WAITING
-        self.finish_reason: str | None = None
-        self.cumulative_logprob = 0.0
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[dict | None] | None = \
-            [None] if params.prompt_logprobs is not None else None
+        # the runner: the prompt's teacher-forced scores, [None] first (engine/model_runner.py)
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        # the output processor: text and stops (engine/output_processor.py)
         self.detok = None                      # IncrementalDetokenizer, made on first token
         self.stop_reason: int | str | None = None   # the stop token id or stop string
-        self.beam_candidates: tuple[list[int], list[float]] | None = None  # next-token top 2B
         self.stop_text_end: int | None = None  # where a matched stop string starts in the text
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        self.num_preemptions = 0
-        self.first_scheduled_time: float | None = None  # time.monotonic() at first admission
-        self.generator: torch.Generator | None = None  # made by the sampler on first use
-        self.pending_children: list[Sequence] = []  # n > 1: forked at this seq's first sample
-        self.sampler_state: object | None = None       # the sampler's own per-sequence state
+        # the sampler: seeded draws and penalty counts (engine/sampler.py)
+        self.generator: torch.Generator | None = None
+        self.sampler_state: object | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,9 +1,10 @@
 """Plain-torch paged attention: the oracle for the Triton kernels and the CPU backend.
 
-Semantics (DESIGN.md): query i of sequence s sits at position p = seq_lens[s] - q_len_s + i
-and attends to keys j with j <= p and, with a window W, j > p - W.  Keys are read through
-the block table; positions outside [p - W, p] are masked *and* zeroed, so a block freed by
-sliding-window eviction (whose table entry may point anywhere) can never leak into the output.
+Semantics, the same in every backend: query i of sequence s sits at position
+p = seq_lens[s] - q_len_s + i and attends to keys j with j <= p and, with a window W,
+j > p - W.  Keys are read through the block table; positions outside [p - W, p] are masked
+*and* zeroed, so a block freed by sliding-window eviction (whose table entry may point
+anywhere) can never leak into the output.
 """
 from __future__ import annotations
 

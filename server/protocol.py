@@ -14,12 +14,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from engine import SamplingParams
 from engine.errors import ParamError
 from engine.sampling_params import (MAX_ABS_LENGTH_PENALTY, MAX_LOGPROBS, MAX_PENALTY,
-                                    MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY)
+                                    MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
+                                    MIN_TEMPERATURE)
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
-# Below this a temperature is greedy (as in vLLM): logits / 1e-300 overflow to inf, and
-# inf - inf = NaN in the sampler.
-MIN_TEMPERATURE = 1e-5
 
 
 REQUEST = ConfigDict(extra="ignore", strict=True)

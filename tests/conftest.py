@@ -15,7 +15,7 @@ def engine_logits(engine, ids: list[int]) -> torch.Tensor:
     try:
         runner = engine.runner
         with torch.inference_mode():
-            input_ids, positions, meta, _ = runner._prepare([seq], [len(ids)])
+            input_ids, positions, meta, _ = runner.prepare([seq], [len(ids)])
             hidden = runner.model(input_ids, positions, runner.kv_caches, meta)
             return runner.model.compute_logits(hidden)
     finally:

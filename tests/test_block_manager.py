@@ -197,17 +197,17 @@ def test_blocks_needed_counts_blocks_already_held():
     assert kv.blocks_needed(seq, 4) == 1         # 12 tokens -> 3 blocks
 
 
-def test_can_allocate_with_and_without_admit_watermark():
+def test_max_new_tokens_with_and_without_admit_watermark():
     kv = KVCacheManager(num_blocks=21, block_size=4, watermark=0.1)  # 20 usable
     assert kv.watermark_blocks == 2
     filler = make_seq(64)
     kv.allocate(filler, 64)                      # 16 blocks -> 4 free
     assert kv.pool.num_free == 4
     seq = make_seq(16)
-    assert kv.can_allocate(seq, 8, admit=True)   # 2 + 2 <= 4
-    assert not kv.can_allocate(seq, 9, admit=True)  # 3 + 2 > 4
-    assert kv.can_allocate(seq, 16)              # 4 <= 4 without the watermark
-    assert not kv.can_allocate(make_seq(17), 17)  # 5 > 4
+    assert 8 <= kv.max_new_tokens(seq, admit=True)   # 2 + 2 <= 4
+    assert not 9 <= kv.max_new_tokens(seq, admit=True)  # 3 + 2 > 4
+    assert 16 <= kv.max_new_tokens(seq)              # 4 <= 4 without the watermark
+    assert not 17 <= kv.max_new_tokens(make_seq(17))  # 5 > 4
 
 
 def test_usage_fraction_and_free_returns_everything():
@@ -231,7 +231,7 @@ def test_usage_fraction_and_free_returns_everything():
 def test_allocate_beyond_pool_raises_and_keeps_table():
     kv = KVCacheManager(num_blocks=3, block_size=4)  # 2 usable
     seq = make_seq(12)
-    assert not kv.can_allocate(seq, 12)
+    assert not 12 <= kv.max_new_tokens(seq)
     with pytest.raises(RuntimeError):
         kv.allocate(seq, 12)
     assert seq.block_ids == [] and kv.pool.num_free == 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import LLMEngine, SamplingParams
+from engine.block_manager import blocks_spanning
 from engine.capacity import (CapacityPlan, GGUFHeader, blocks_for_budget, count_parameters,
                              format_bytes, plan_capacity, plan_for_config, read_model_config)
 from engine.loader import GGUFFile
@@ -87,8 +88,7 @@ def test_sliding_window_bounds_the_blocks_per_sequence(tiny_mistral):
     assert short.blocks_per_seq == 3 and short.kept_tokens == 20
     # the window's bound holds however the window falls on the blocks
     for window in range(1, 40):
-        bound = plan_capacity(cfg, "float32", "cpu", block_size=8, num_kv_blocks=24,
-                              seq_len=184)._blocks_spanning(window)
+        bound = blocks_spanning(window, 8)
         spans = {len({p // 8 for p in range(s, s + window)}) for s in range(16)}
         assert bound == max(spans)
 

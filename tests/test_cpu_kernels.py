@@ -132,7 +132,7 @@ def _fast_logits(engine, ids):
     engine.kv.allocate(seq, len(ids))
     try:
         with torch.inference_mode():
-            input_ids, positions, meta, _ = runner._prepare([seq], [len(ids)])
+            input_ids, positions, meta, _ = runner.prepare([seq], [len(ids)])
             hidden = runner.fast(runner.model.embed_tokens(input_ids), positions,
                                  meta.slot_mapping, meta.block_tables, meta.cu_seqlens_q,
                                  meta.seq_lens)

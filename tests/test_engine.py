@@ -75,7 +75,7 @@ def test_eos_ends_unless_ignored(tiny_dir):
     engine = LLMEngine.from_args(model=tiny_dir, dtype="float32", device="cpu", num_kv_blocks=32)
     engine.add_request("probe", [9, 8, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     tokens = _run(engine)["probe"].outputs[0].token_ids
-    engine.eos_token_ids = frozenset({tokens[2]})  # pretend the model's EOS is the third token
+    engine.stop_rules.eos_token_ids = frozenset({tokens[2]})  # pretend EOS is the third token
     engine.add_request("eos", [9, 8, 7], SamplingParams(temperature=0, max_tokens=6))
     engine.add_request("ign", [9, 8, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     done = _run(engine)

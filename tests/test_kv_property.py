@@ -67,7 +67,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 class Sim:
-    """Scheduler + KV cache manager with LLMEngine.step's bookkeeping and a shadow KV cache:
+    """Scheduler + KV cache manager stepped as LLMEngine.step steps them, with a shadow KV cache:
     `slots[block][i]` is the identity (hash of the whole token prefix) of the token whose K/V
     the slot holds, so a read of a wrong, stale or never-written slot is caught."""
 
@@ -199,16 +199,15 @@ class Sim:
 
         self.forward(out)
 
-        sampled = []
-        for seq in out.seqs:
-            if seq.num_computed_tokens == seq.num_tokens:
-                sampled.append(seq)
-                for child in seq.pending_children:  # LLMEngine._fork
-                    self.sched.fork(seq, child)
-                    assert child.block_ids == seq.block_ids
-                    sampled.append(child)
-                    event("fork")
-                seq.pending_children = []
+        sampling = [seq for seq, n in zip(out.seqs, out.num_tokens)
+                    if seq.num_computed_tokens + n == seq.num_tokens]
+        forks = [(seq, child) for seq in sampling for child in seq.pending_children]
+        sampled, _ = self.sched.update(out, sampling)  # computed, published, forked
+        for b in pool.hash_to_block.values():
+            assert None not in self.slots[b], f"published block {b} is not full"
+        for parent, child in forks:
+            assert child.block_ids == parent.block_ids and child in sampled
+            event("fork")
         for seq in sampled:
             seq.token_ids.append(fake_token(seq, seq.num_output_tokens))
             if seq.num_output_tokens >= seq.params.max_tokens \
@@ -239,11 +238,6 @@ class Sim:
                 b = seq.block_ids[p // bs]
                 assert b != NULL_BLOCK and self.slots.get(b, [None] * bs)[p % bs] \
                     == self.identity(seq, p), f"{seq} reads a wrong K/V at position {p}"
-        for seq, n in zip(out.seqs, out.num_tokens):
-            seq.num_computed_tokens += n
-            self.kv.cache_blocks(seq)
-        for b in pool.hash_to_block.values():
-            assert None not in self.slots[b], f"published block {b} is not full"
 
     # ------------------------------------------------------------ a whole workload
 

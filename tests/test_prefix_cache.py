@@ -298,9 +298,7 @@ def test_identical_prompts_admitted_together_both_compute_and_one_publishes():
     out = sched.schedule()
     assert out.seqs == [a, b] and out.num_tokens == [9, 9]   # nothing cached yet
     assert not set(a.block_ids) & set(b.block_ids)
-    for seq, n in zip(out.seqs, out.num_tokens):
-        seq.num_computed_tokens += n
-        kv.cache_blocks(seq)
+    sched.update(out, [])  # the engine's bookkeeping after the forward
     pool = kv.pool
     assert a.block_hashes == b.block_hashes
     assert [pool.hash_to_block[h] for h in a.block_hashes] == a.block_ids[:2]
@@ -412,15 +410,10 @@ def test_window_frees_dead_blocks_of_sequences_the_budget_does_not_reach():
     sched.add(other)
     for _ in range(5):
         out = sched.schedule()
-        for seq, n in zip(out.seqs, out.num_tokens):
-            seq.num_computed_tokens += n
-        for seq in out.seqs:
-            if seq.num_computed_tokens == seq.num_tokens:
-                for c in seq.pending_children:
-                    sched.fork(seq, c)
-                    c.token_ids.append(5)
-                seq.pending_children = []
-                seq.token_ids.append(5)
+        sampling = [seq for seq, n in zip(out.seqs, out.num_tokens)
+                    if seq.num_computed_tokens + n == seq.num_tokens]
+        for seq in sched.update(out, sampling)[0]:  # the parent forks its child here
+            seq.token_ids.append(5)
         kv.pool.check_integrity(tables(parent, child, other))
     assert sched.running == [parent, other, child] and child.num_computed_tokens == 3
     dead = kv.num_dead_blocks(child.num_computed_tokens)

@@ -11,6 +11,7 @@ import torch
 from engine.sampler import Sampler, SamplerOutput, compute_logprobs
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from engine.stop_rules import StopRules
 
 V = 40
 DRAWS = 40_000
@@ -253,7 +254,7 @@ def test_seeded_row_does_not_depend_on_the_batch(kw):
     batched = run_steps(Sampler(), steps, seqs, row)
     torch.manual_seed(1)  # another global RNG state and another Sampler: same tokens
     seqs, row = mixed_batch(target)
-    again = run_steps(Sampler({0}), steps, seqs, row)
+    again = run_steps(Sampler(StopRules({0})), steps, seqs, row)
     assert alone == batched == again
     other_seed = run_steps(Sampler(), [s[3:4] for s in steps],
                            [seq(SamplingParams(seed=1235, temperature=0.9, presence_penalty=0.5,
@@ -383,7 +384,7 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     eos, stop = 7, 3
     logits = torch.full((1, 10), -30.0)
     logits[0, eos], logits[0, stop], logits[0, 5] = 9.0, 8.0, 1.0   # eos > stop > 5 >> rest
-    sampler = Sampler({eos})
+    sampler = Sampler(StopRules({eos}))
     for kw in (dict(temperature=0), dict(temperature=1.0, top_k=3)):
         p = SamplingParams(min_tokens=3, stop_token_ids=[stop], **kw)
         s = seq(p)
@@ -415,7 +416,7 @@ def test_logprobs_are_raw_whatever_the_processing():
               SamplingParams(min_p=0.2, logprobs=1, min_tokens=4, stop_token_ids=[0, 1])]
     seqs = [seq(p, prompt=list(range(0, 100, 3)), outputs=[int(logits[i].argmax())] * 2)
             for i, p in enumerate(params)]
-    out = Sampler({2})(logits.clone(), seqs)
+    out = Sampler(StopRules({2}))(logits.clone(), seqs)
     ref = torch.log_softmax(logits, -1)
     torch.testing.assert_close(out.logprobs, ref.gather(1, out.tokens[:, None])[:, 0])
     assert torch.equal(compute_logprobs(logits), ref)

@@ -15,7 +15,7 @@ def fake_token(seq: Sequence, k: int) -> int:
 
 
 class Sim:
-    """A scheduler plus the engine's bookkeeping, with a fake sampler."""
+    """A scheduler stepped as the engine steps it, with a fake model and sampler."""
 
     def __init__(self, *, num_blocks=64, block_size=4, max_num_seqs=8,
                  max_num_batched_tokens=8, watermark=0.0, **chunking):
@@ -45,17 +45,18 @@ class Sim:
         assert out.total_tokens <= self.sched.max_num_batched_tokens
         assert len(self.sched.running) <= self.sched.max_num_seqs
         assert len({id(s) for s in out.seqs}) == len(out.seqs), "a seq scheduled twice"
-        self.sampled = []
+        sampling = []
         for seq, n in zip(out.seqs, out.num_tokens):
             assert n > 0 and seq.status is SequenceStatus.RUNNING
             assert seq.num_computed_tokens + n <= seq.num_tokens
             assert len(seq.block_ids) * self.kv.block_size >= seq.num_computed_tokens + n
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
-                seq.token_ids.append(fake_token(seq, seq.num_output_tokens))
-                self.sampled.append(seq)
-                if seq.num_output_tokens >= self.targets[seq.seq_id]:
-                    self.sched.finish(seq, "length")
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sampling.append(seq)
+        self.sampled, _ = self.sched.update(out, sampling)  # the engine's bookkeeping
+        for seq in self.sampled:
+            seq.token_ids.append(fake_token(seq, seq.num_output_tokens))
+            if seq.num_output_tokens >= self.targets[seq.seq_id]:
+                self.sched.finish(seq, "length")
         self.pool.check_integrity(self.live_tables())
         return out
 

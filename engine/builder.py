@@ -1,0 +1,116 @@
+"""Building an engine from what a user asks for: resolve the model, device, dtype, attention
+backend and weight format, load and quantize the weights, size the KV pool. `LLMEngine.from_args`
+is this with the engine made from the parts."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import NamedTuple
+
+import torch
+
+from engine.capacity import blocks_for_budget, resolve_max_model_len
+from engine.config import EngineConfig, resolve_device, resolve_dtype
+from engine.loader import GGUFFile, hf_config, hf_weights, resolve_model
+from engine.models import CausalLM
+from engine.quant import int4_dtype, quantize_model, resolve_quantization
+from engine.tokenizer import Tokenizer, load_tokenizer
+from kernels import cpu as cpu_kernels
+
+logger = logging.getLogger("kvserve.engine")
+
+
+class EngineParts(NamedTuple):
+    config: EngineConfig
+    model: CausalLM
+    tokenizer: Tokenizer | None
+    model_name: str
+
+
+def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto",
+          block_size: int = 16, num_kv_blocks: int | None = None, max_num_seqs: int = 64,
+          max_num_batched_tokens: int = 2048, prefill_chunk: int = 512,
+          max_model_len: int | None = None, enable_prefix_caching: bool = True,
+          attention_backend: str = "auto", load_format: str = "auto",
+          kv_cache_memory: int | str | None = None, seed: int = 0,
+          quantization: str | None = None, enforce_eager: bool = False) -> EngineParts:
+    """Everything an LLMEngine is made of, from the arguments users give (`LLM(...)`,
+    `kvserve serve`): the model found and loaded, the dtype, device, attention backend and
+    weight format resolved, the KV pool sized."""
+    source = resolve_model(model)
+    dev = resolve_device(device)
+    auto_quant = quantization == "auto"
+    quantization = None if auto_quant else resolve_quantization(quantization)
+    dt = int4_dtype(dtype, dev) if quantization == "int4" else resolve_dtype(dtype, dev)
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
+    if attention_backend == "auto":
+        attention_backend = "triton" if dev.type == "cuda" else \
+            "cpu" if cpu_kernels.supports(dt) and cpu_kernels.available() else "torch"
+    if attention_backend == "cpu":
+        if dev.type != "cpu" or not cpu_kernels.supports(dt):
+            raise ValueError("attention_backend='cpu' runs float32 or bfloat16 on the CPU")
+        if not cpu_kernels.available():
+            raise ValueError(f"attention_backend='cpu' needs kvserve's CPU kernels, which "
+                             f"could not be built: {cpu_kernels.unavailable_reason()}")
+    if attention_backend == "triton" and dev.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' on the CPU needs TRITON_INTERPRET=1 in "
+                         "the environment (slow; for tests); use 'torch' on the CPU")
+    gguf = GGUFFile(source.path) if source.kind == "gguf" else None
+    model_cfg = gguf.config() if gguf else hf_config(source.path)
+    # int8 weights live in the fused CPU step (decode and short prefill chunks); longer
+    # prefill chunks keep the model's own weights and torch's GEMMs.
+    int8_ok = (dev.type == "cpu" and cpu_kernels.supports(dt) and not enforce_eager
+               and cpu_kernels.available() and cpu_kernels.int8_shapes_ok(model_cfg))
+    if auto_quant:  # `kvserve serve`'s default: packed step weights where VNNI runs them
+        # (a Q4 file's own 4-bit blocks, int8 elsewhere), unless float32 was asked for (it
+        # stays equal to transformers)
+        quantization = "gguf" if (int8_ok and cpu_kernels.has_vnni()
+                                  and (dtype == "auto" or dt != torch.float32)) else None
+        logger.info("quantization auto -> %s", quantization or "none")
+    elif quantization in ("int8", "gguf") and not int8_ok:
+        raise ValueError(f"quantization={quantization!r} is the fused CPU step's weight "
+                         "format: it needs "
+                         "device='cpu', dtype float32 or bfloat16, no enforce_eager, GEMM "
+                         "dimensions divisible by 32 (fused QKV rows by 16) and kvserve's "
+                         "CPU kernels"
+                         + (f" (not built: {cpu_kernels.unavailable_reason()})"
+                            if not cpu_kernels.available() else ""))
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    max_positions = max_model_len or model_cfg.max_position_embeddings
+    with torch.device(dev):
+        net = CausalLM(model_cfg, max_positions, dev)
+    if load_format == "dummy":
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    else:
+        net.load_weights(gguf.weights(model_cfg) if gguf else hf_weights(source.path))
+    num_params = sum(p.numel() for p in net.parameters())
+    if quantization == "int4":
+        quantize_model(net)  # from the float32 weights
+    net = net.to(dt)
+    net.rope.to(torch.float32)
+    if dtype == "auto" and quantization != "int4":
+        logger.info("dtype auto -> %s on %s%s", str(dt).removeprefix("torch."), dev.type,
+                    " (the CPU has native bf16; --dtype float32 matches transformers "
+                    "exactly)" if dt == torch.bfloat16 and dev.type == "cpu" else "")
+    logger.info("loaded %s (%s, %.0fM params%s) in %.1fs", source.name,
+                model_cfg.architecture, num_params / 1e6,
+                f", {quantization}" if quantization else "", time.perf_counter() - t0)
+    num_blocks = num_kv_blocks or blocks_for_budget(model_cfg, dt, dev, block_size,
+                                                    kv_cache_memory)
+    max_model_len = resolve_max_model_len(model_cfg, num_blocks, block_size, max_model_len)
+    config = EngineConfig(model=model_cfg, dtype=dt, device=dev, block_size=block_size,
+                          num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens,
+                          prefill_chunk=prefill_chunk,
+                          max_model_len=max_model_len,
+                          enable_prefix_caching=enable_prefix_caching,
+                          attention_backend=attention_backend,
+                          enforce_eager=enforce_eager, quantization=quantization)
+    logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB", num_blocks,
+                block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20)
+    return EngineParts(config, net, load_tokenizer(source), source.name)
