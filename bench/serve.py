@@ -33,6 +33,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.offline import make_prompts  # noqa: E402
+from clients.sse import aiter_sse  # noqa: E402
 
 
 class Offline:
@@ -130,10 +131,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, output_le
         arrivals, text, tokens = [], [], 0
         async with client.stream("POST", url + "/v1/completions", json=payload) as resp:
             resp.raise_for_status()
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for data in aiter_sse(resp.aiter_lines()):
+                if data == "[DONE]":
                     continue
-                chunk = json.loads(line[6:])
+                chunk = json.loads(data)
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 for c in chunk.get("choices", ()):

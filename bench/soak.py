@@ -41,6 +41,10 @@ from urllib.parse import urlparse
 import httpx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run as a script: the repository's packages first
+
+from clients.sse import aiter_sse  # noqa: E402
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 PROMPTS = [
@@ -215,12 +219,9 @@ class Soak:
             if not self.classify(rec, resp.status_code, (await resp.aread()).decode()
                                  if resp.status_code >= 400 else ""):
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
+            async for data in aiter_sse(resp.aiter_lines()):
                 rec.events.append(time.monotonic())
-                if data == "[DONE]":
+                if data.strip() == "[DONE]":
                     done = True
                     break
                 chunk = json.loads(data)

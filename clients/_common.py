@@ -1,5 +1,6 @@
 """What the sync and the async client share: configuration, request bodies, error mapping,
-the retry delay and server-sent-event decoding. No I/O here."""
+the retry delay and the meaning of a stream event (its framing is clients/sse.py). No I/O
+here."""
 from __future__ import annotations
 
 import json
@@ -97,29 +98,6 @@ def json_body(response: httpx.Response) -> Any:
         raise KVServeError(f"the server answered {response.status_code} with a body that is "
                            f"not JSON: {response.text[:200]!r}",
                            status=response.status_code) from None
-
-
-class SSEDecoder:
-    """Server-sent events, fed line by line: returns each event's data when it ends."""
-
-    def __init__(self):
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> str | None:
-        if not line:
-            return self.flush()
-        if line.startswith(":"):  # a comment (keep-alive)
-            return None
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-    def flush(self) -> str | None:
-        if not self._data:
-            return None
-        data, self._data = "\n".join(self._data), []
-        return data
 
 
 def event_payload(data: str) -> dict | None:

@@ -14,13 +14,14 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from clients._common import (CHAT, COMPLETIONS, DEFAULT_BASE_URL, DEFAULT_TIMEOUT, STREAM_CUT,
-                             BaseClient, SSEDecoder, event_payload, json_body, model_ids,
+                             BaseClient, event_payload, json_body, model_ids,
                              status_error, transport_error)
 from clients._retry import RETRY_STATUSES
 from clients._types import ChatChunk, ChatCompletion, Completion, CompletionChunk, Usage
 from clients.client import Messages, Prompt
 from clients.errors import APIConnectionError, ServiceUnavailableError
 from clients.prometheus import MetricsSnapshot, parse_prometheus
+from clients.sse import aiter_sse
 
 T = TypeVar("T")
 
@@ -109,24 +110,15 @@ class AsyncClient(BaseClient):
                       parse: Callable[[dict], T]) -> AsyncIterator[T]:
         body = self._generation_body(await self._model(model), key, value, params, True)
         response = await self._request("POST", path, body, stream=True)
-        decoder = SSEDecoder()
         try:
             try:
-                async for line in response.aiter_lines():
-                    data = decoder.feed(line)
-                    if data is not None:
-                        payload = event_payload(data)
-                        if payload is None:
-                            return
-                        yield parse(payload)
+                async for data in aiter_sse(response.aiter_lines()):
+                    payload = event_payload(data)
+                    if payload is None:
+                        return
+                    yield parse(payload)
             except httpx.HTTPError as e:
                 raise transport_error(e)[0] from e
-            data = decoder.flush()
-            if data is not None:
-                payload = event_payload(data)
-                if payload is None:
-                    return
-                yield parse(payload)
             raise APIConnectionError(STREAM_CUT)
         finally:
             await response.aclose()

@@ -1,4 +1,4 @@
-"""One streaming request, timed chunk by chunk: the SSE parsing and the clock.
+"""One streaming request, timed chunk by chunk: what each event says, and the clock.
 
 TTFT is the time to the first chunk with non-empty content, ITL the gaps between later
 content chunks, E2E the time to the end of the stream. Token counts are the last `usage`
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from clients.bench_dataset import Prompt
 from clients.bench_metrics import RequestResult
+from clients.sse import aiter_sse
 
 MAX_ERROR_CHARS = 500
 
@@ -24,14 +25,6 @@ class Chunk:
     usage: dict | None = None
     error: str | None = None
     done: bool = False
-
-
-def sse_data(line: str) -> str | None:
-    """The payload of an SSE `data:` line; None for comments, other fields and blank lines."""
-    if not line.startswith("data:"):
-        return None
-    data = line[5:]
-    return data[1:] if data.startswith(" ") else data
 
 
 def parse_event(data: str) -> Chunk:
@@ -99,10 +92,7 @@ async def send(client, path: str, body: dict, result: RequestResult, t0: float) 
                 text = (await resp.aread()).decode(errors="replace")
                 result.error = _http_error(resp.status_code, text)
                 return
-            async for line in resp.aiter_lines():
-                data = sse_data(line)
-                if data is None:
-                    continue
+            async for data in aiter_sse(resp.aiter_lines()):
                 now = time.perf_counter()
                 chunk = parse_event(data)
                 if chunk.error:

@@ -19,12 +19,13 @@ from typing import Any, Generic, TypeVar
 import httpx
 
 from clients._common import (CHAT, COMPLETIONS, DEFAULT_BASE_URL, DEFAULT_TIMEOUT, STREAM_CUT,
-                             BaseClient, SSEDecoder, event_payload, json_body, model_ids,
+                             BaseClient, event_payload, json_body, model_ids,
                              status_error, transport_error)
 from clients._retry import RETRY_STATUSES
 from clients._types import ChatChunk, ChatCompletion, Completion, CompletionChunk, Usage
 from clients.errors import APIConnectionError, ServiceUnavailableError
 from clients.prometheus import MetricsSnapshot, parse_prometheus
+from clients.sse import iter_sse
 
 T = TypeVar("T")
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -119,24 +120,15 @@ class Client(BaseClient):
                 parse: Callable[[dict], T]) -> Iterator[T]:
         body = self._generation_body(self._model(model), key, value, params, True)
         response = self._request("POST", path, body, stream=True)
-        decoder = SSEDecoder()
         try:
             try:
-                for line in response.iter_lines():
-                    data = decoder.feed(line)
-                    if data is not None:
-                        payload = event_payload(data)
-                        if payload is None:
-                            return
-                        yield parse(payload)
+                for data in iter_sse(response.iter_lines()):
+                    payload = event_payload(data)
+                    if payload is None:
+                        return
+                    yield parse(payload)
             except httpx.HTTPError as e:
                 raise transport_error(e)[0] from e
-            data = decoder.flush()  # a last event without its blank line
-            if data is not None:
-                payload = event_payload(data)
-                if payload is None:
-                    return
-                yield parse(payload)
             raise APIConnectionError(STREAM_CUT)
         finally:
             response.close()

@@ -18,7 +18,8 @@ from clients.bench_dataset import (WordTokenizer, load_jsonl, local_tokenizer, r
                                    sample_lengths)
 from clients.bench_metrics import (RequestResult, compute_metrics, latency_stats, meets_slos,
                                    parse_goodput, percentile, token_rate_series)
-from clients.bench_request import parse_event, request_body, sse_data
+from clients.bench_request import parse_event, request_body
+from clients.sse import sse_data
 
 
 def req(i, start, ttft, e2e, itl, out, prompt=10, ok=True) -> RequestResult:
