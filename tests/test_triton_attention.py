@@ -1,22 +1,41 @@
 """Triton paged attention / store_kv against the torch oracle (kernels.reference).
 
-Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before
-triton is imported), in fp32 and with small shapes.  With CUDA the same cases also run in
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below for
+this module only), in fp32 and with small shapes.  With CUDA the same cases also run in
 bf16/fp16.  Every case builds a shuffled block table, runs the oracle on a clean cache, then
 poisons with NaN everything the kernel must not read (evicted blocks, slots past seq_len,
 unused table entries, free blocks) and passes a NaN-filled output buffer.
 """
+import contextlib
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
 
-from kernels import triton_attention as ta  # noqa: E402
+@contextlib.contextmanager
+def interpreter_env():
+    """TRITON_INTERPRET=1 (unless set already) without CUDA, restored on exit, so that other
+    modules' tests never run with it. @triton.jit picks the interpreter when a kernel is
+    defined: kernels.triton_attention is imported inside this; the tests run inside it too
+    (a module fixture), for Triton and for the engine, which reads it when built."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+with interpreter_env():
+    pytest.importorskip("triton")
+    from kernels import triton_attention as ta  # noqa: E402
 from kernels.reference import paged_attention_ref  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with interpreter_env():
+        yield
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter multiplies bfloat16 dot operands as raw bits (triton-lang/triton#11584),

@@ -1,15 +1,17 @@
 """The engine end to end with the Triton backend (interpreted on the CPU) vs the torch one."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from engine import LLM, SamplingParams
+from test_models_hf import PROMPTS, make_model
+from test_triton_attention import interpreter_env  # skips this module without triton too
 
-from engine import LLM, SamplingParams  # noqa: E402
-from test_models_hf import PROMPTS, make_model  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """TRITON_INTERPRET=1 without CUDA for this module's tests only (see interpreter_env)."""
+    with interpreter_env():
+        yield
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral-window"])
