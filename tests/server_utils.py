@@ -1,26 +1,49 @@
-"""Start a real `kvserve serve` process on a free port for tests, and stop it.
+"""Servers for the tests: the app in this process, or a real `kvserve serve` process.
 
-    from server_utils import start_server   # tests/ is on sys.path under pytest
+In process (most tests): the engine thread and the app built as `kvserve serve` builds them,
+reached through httpx.ASGITransport, without uvicorn or a socket:
+
+    from server_utils import InProcessServer   # tests/ is on sys.path under pytest
+    with InProcessServer("--max-num-seqs", "8") as srv:
+        with srv.client() as c:                 # a sync httpx.Client
+            c.get("/health")
+        async with srv.async_client() as c:     # an httpx.AsyncClient, on any event loop
+            await c.post("/v1/completions", json={...})
+        with srv.listening() as url:            # uvicorn on a thread, on a real socket
+            ...
+
+ASGITransport hands over a response once the app has sent all of it, so a client sees a
+stream only whole (fine for reading it to its end) and can never hang up mid-way; timeouts
+do not apply. `listening()` serves the same app on 127.0.0.1 for what needs a connection (a
+client that hangs up, a tool that takes a URL). A real process is for signals, exit codes,
+the CLI and process-wide settings (environment variables):
+
+    from server_utils import start_server
     with start_server("--max-num-seqs", "8", env={"KVSERVE_FAULT_AT_STEP": "3"}) as srv:
         httpx.get(srv.url + "/health")
         ...
     # or: srv = start_server(); ...; rc = srv.stop()
 
-Output (stdout and stderr together) goes to a temporary file, never a pipe, so a chatty
-server can't block on a full pipe; `srv.log()` reads it back, also after stop(). The file is
-removed when the ServerProcess object is garbage-collected.
+A process's output (stdout and stderr together) goes to a temporary file, never a pipe, so a
+chatty server can't block on a full pipe; `srv.log()` reads it back, also after stop(). The
+file is removed when the ServerProcess object is garbage-collected. Both kinds have `.url`,
+`.client()` and `.async_client()`.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import anyio.from_thread
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +57,137 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- in process
+
+
+def serve_options(*args: str) -> tuple[dict, dict]:
+    """`kvserve serve` flags (DEFAULT_ARGS under them) -> (LLMEngine.from_args kwargs, the
+    server's own options), read with server/cli.py's engine flags and engine_kwargs."""
+    from server.cli import add_engine_args, engine_kwargs
+    parser = argparse.ArgumentParser(prog="kvserve serve (in process)")
+    add_engine_args(parser)
+    # serve's own flags that change what a request sees, as server/cli.py's main() defines
+    # them (inline there, so repeated here); --host, --port and --shutdown-timeout belong to
+    # a process and are refused
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--max-queue", type=int, default=None)
+    parser.add_argument("--request-timeout", type=float, default=None)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--max-request-bytes", type=int, default=None)
+    defaults = [x for kv in DEFAULT_ARGS.items() for x in kv]
+    ns = parser.parse_args([*defaults, *map(str, args)])  # the later flag wins
+    return engine_kwargs(ns), dict(api_key=ns.api_key, max_queue=ns.max_queue,
+                                   request_timeout=ns.request_timeout,
+                                   served_model_name=ns.served_model_name,
+                                   max_request_bytes=ns.max_request_bytes)
+
+
+class _AsyncBody(httpx.AsyncByteStream):
+    """A sync client's request body (bytes or an iterator of chunks), read on the loop."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    async def __aiter__(self):
+        for chunk in self._stream:
+            yield chunk
+
+
+class _SyncASGITransport(httpx.BaseTransport):
+    """httpx.ASGITransport for a sync httpx.Client: each request runs on `portal`'s event
+    loop (another thread) and comes back with its body read, as ASGITransport has it."""
+
+    def __init__(self, app, portal: anyio.from_thread.BlockingPortal):
+        self._asgi = httpx.ASGITransport(app=app)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def send():
+            forward = httpx.Request(request.method, request.url, headers=request.headers,
+                                    stream=_AsyncBody(request.stream),
+                                    extensions=request.extensions)
+            response = await self._asgi.handle_async_request(forward)
+            return response.status_code, response.headers, await response.aread()
+
+        status, headers, content = self._portal.call(send)
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(content))
+
+
+class InProcessServer:
+    """The engine thread and the app of `kvserve serve *args`, built as server/serve.py's
+    serve() builds them, in this process; a context manager that stops the engine on exit."""
+
+    url = "http://kvserve.test"  # any name: the transports never resolve it
+
+    def __init__(self, *args: str):
+        from engine import LLMEngine
+        from server.app import MAX_REQUEST_BYTES, build_app
+        from server.async_engine import AsyncEngine
+        from server.metrics import Metrics
+        engine_kw, opts = serve_options(*args)
+        served = opts["served_model_name"]
+        self.aengine = AsyncEngine.launch(
+            lambda: LLMEngine.from_args(**engine_kw),
+            lambda engine: Metrics(served or engine.model_name, engine.config.max_model_len),
+            max_queue=opts["max_queue"], request_timeout=opts["request_timeout"])
+        self._exit = contextlib.ExitStack()
+        self._exit.callback(self.aengine.stop)
+        try:
+            self.app = build_app(self.aengine,
+                                 served_model_name=served or self.aengine.engine.model_name,
+                                 api_key=opts["api_key"],
+                                 max_request_bytes=opts["max_request_bytes"] or MAX_REQUEST_BYTES)
+            # the event loop (on its own thread) that sync clients' requests run on
+            self._portal = self._exit.enter_context(anyio.from_thread.start_blocking_portal())
+        except BaseException:
+            self._exit.close()
+            raise
+
+    def client(self, **kwargs) -> httpx.Client:
+        """A sync httpx.Client for the app (pass it to clients.Client or openai.OpenAI as
+        their http_client)."""
+        return httpx.Client(transport=_SyncASGITransport(self.app, self._portal),
+                            base_url=self.url, **kwargs)
+
+    def async_client(self, **kwargs) -> httpx.AsyncClient:
+        """An httpx.AsyncClient for the app; the app runs on the loop that awaits it."""
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                 base_url=self.url, **kwargs)
+
+    @contextlib.contextmanager
+    def listening(self):
+        """The app on a real socket (uvicorn on a thread of this process) for tools that need
+        a URL (lm-evaluation-harness): yields its base URL; stops listening on exit."""
+        import uvicorn
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()  # connections wait in the backlog until uvicorn accepts: no start-up wait
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                  name="uvicorn", daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join()
+            sock.close()
+
+    def stop(self) -> None:
+        """Stop the engine thread (and the sync clients' loop); idempotent."""
+        self._exit.close()
+
+    def __enter__(self) -> "InProcessServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- a real process
 
 
 class ServerProcess:
@@ -90,6 +244,12 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, **kwargs)
+
+    def async_client(self, **kwargs) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, **kwargs)
 
     def send_signal(self, sig: int = signal.SIGTERM) -> None:
         if self.alive():
