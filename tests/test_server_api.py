@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP API, against a real `kvserve serve` process on the default model.
+"""The OpenAI-compatible HTTP API of `kvserve serve` on the default model, in process.
 
-One server process is shared by the whole module (start-up takes seconds); generation
+One engine and app are shared by the whole module (loading takes seconds), reached through
+httpx.ASGITransport (server_utils.InProcessServer: no uvicorn, no socket); generation
 requests keep max_tokens small because the CPU engine makes ~100-200 tokens/s in all.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from server_utils import start_server
+from clients.sse import iter_sse
+from server_utils import InProcessServer
 
 MAX_MODEL_LEN = 1024
 CHAT = [{"role": "user", "content": "Name three colors."}]
@@ -22,13 +24,13 @@ EMOJI_CHAT = [{"role": "user", "content": "Write three emoji about cats."}]
 
 @pytest.fixture(scope="module")
 def server():
-    with start_server("--max-num-seqs", "16", "--max-model-len", str(MAX_MODEL_LEN)) as srv:
+    with InProcessServer("--max-num-seqs", "16", "--max-model-len", str(MAX_MODEL_LEN)) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=120.0) as c:
+    with server.client(timeout=120.0) as c:
         yield c
 
 
@@ -66,10 +68,9 @@ def sse_events(r: httpx.Response) -> list[dict]:
     assert blocks[-1] == ""
     blocks = blocks[:-1]
     assert blocks[-1] == "data: [DONE]"
-    events = []
     for block in blocks[:-1]:
         assert block.startswith("data: ") and "\n" not in block, repr(block)
-        events.append(json.loads(block[len("data: "):]))
+    events = [json.loads(data) for data in list(iter_sse(raw.split("\n")))[:-1]]  # less [DONE]
     assert events and all("error" not in e for e in events), events
     return events
 
@@ -483,7 +484,8 @@ def test_metrics_after_requests(client):
 
 def test_openai_sdk(server):
     from openai import OpenAI
-    client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                    http_client=server.client())
     (model,) = client.models.list().data
     c = client.completions.create(model=model.id, prompt="Hello, my name is", max_tokens=4,
                                   temperature=0)
@@ -514,7 +516,8 @@ def test_openai_async_sdk_streaming(server):
     from openai import AsyncOpenAI
 
     async def main():
-        client = AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        client = AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                             http_client=server.async_client())
 
         async def one(prompt):
             s = await client.chat.completions.create(
@@ -544,8 +547,11 @@ GENERATION = ("/v1/completions", "/v1/chat/completions")
 
 @pytest.fixture(scope="module")
 def api_schema(server):
+    """The app's spec; its cases are sent to the app in process (schemathesis' ASGI client)."""
     import schemathesis
-    return schemathesis.openapi.from_url(server.url + "/openapi.json")
+    from schemathesis.python.asgi import shutdown_lifespans
+    yield schemathesis.openapi.from_asgi("/openapi.json", server.app)
+    shutdown_lifespans()  # schemathesis keeps each app it served until then: let ours go
 
 
 def openapi_checks():
