@@ -2,32 +2,41 @@
 prompt_logprobs, max_tokens 0, /tokenizer_info, and lm-evaluation-harness end to end.
 
 A float32 server equals transformers, so the prompt's logprobs are checked against
-transformers' log-softmax of the same tokens.
+transformers' log-softmax of the same tokens. The server runs in process
+(server_utils.InProcessServer, over httpx.ASGITransport); lm-evaluation-harness reaches the
+same app on a real socket.
 """
 from __future__ import annotations
 
 import json
 import math
 
-import httpx
 import pytest
 import torch
 
-from server_utils import start_server
+from clients.sse import iter_sse
+from server_utils import InProcessServer
 
 PROMPT = "Roses are red, violets are blue"
 
 
 @pytest.fixture(scope="module")
 def server():
-    with start_server("--max-num-seqs", "16", "--max-model-len", "1024") as srv:
+    with InProcessServer("--max-num-seqs", "16", "--max-model-len", "1024") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=120.0) as c:
+    with server.client(timeout=120.0) as c:
         yield c
+
+
+@pytest.fixture
+def socket_url(server):
+    """The app's base URL on a real socket, for lm-evaluation-harness (it takes a URL)."""
+    with server.listening() as url:
+        yield url
 
 
 def post(client, body: dict, path: str = "/v1/completions") -> dict:
@@ -114,8 +123,7 @@ def test_streamed_echo_sends_the_prompt_first(client):
     full = post(client, body)["choices"][0]
     with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert r.status_code == 200
-        events = [json.loads(line[6:]) for line in r.iter_lines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
+        events = [json.loads(data) for data in iter_sse(r.iter_lines()) if data != "[DONE]"]
     chunks = [c for e in events for c in e["choices"]]
     assert chunks[0]["text"].startswith(PROMPT)
     assert "".join(c["text"] for c in chunks) == full["text"]
@@ -129,8 +137,7 @@ def test_streamed_echo_sends_the_prompt_first(client):
     # scoring only, streamed: the prompt and nothing else
     body = {**body, "max_tokens": 0, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as r:
-        events = [json.loads(line[6:]) for line in r.iter_lines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]
+        events = [json.loads(data) for data in iter_sse(r.iter_lines()) if data != "[DONE]"]
     assert "".join(c["text"] for e in events for c in e["choices"]) == PROMPT
 
 
@@ -169,7 +176,7 @@ def test_tokenizer_info(client, server):
     assert tokenize(client, info["eos_token"]) == [info["eos_token_id"]]
 
 
-def test_lm_evaluation_harness_end_to_end(server, client, hf_smollm, tmp_path):
+def test_lm_evaluation_harness_end_to_end(socket_url, client, hf_smollm, tmp_path):
     """lm-evaluation-harness's local-completions model with the remote tokenizer (no local
     tokenizer, no hub) on a small multiple-choice task written here: every choice's
     loglikelihood equals transformers' for the same tokens, and so does the accuracy."""
@@ -203,7 +210,7 @@ metric_list:
 """)
     out = lm_eval.simple_evaluate(
         model="local-completions",
-        model_args={"base_url": server.url + "/v1/completions", "model": "SmolLM2-135M-Instruct",
+        model_args={"base_url": socket_url + "/v1/completions", "model": "SmolLM2-135M-Instruct",
                     "tokenizer_backend": "remote", "tokenized_requests": True,
                     "num_concurrent": 4, "max_retries": 1},
         tasks=["kvserve_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
