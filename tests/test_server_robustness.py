@@ -1,8 +1,11 @@
-"""Failure handling of a real `kvserve serve` process: client disconnects, overload, request
-timeouts, an engine fault, the API key and SIGTERM.
+"""Failure handling of `kvserve serve`: client disconnects, overload, request timeouts, an
+engine fault, the API key and SIGTERM.
 
-Every test talks HTTP to a child process started by tests/server_utils.py; nothing under test
-is mocked. Waiting is always a poll of a condition with a deadline, never a bare sleep.
+Overload and request timeouts run in process (server_utils.InProcessServer, over
+httpx.ASGITransport); what needs a real child process uses one: clients that hang up
+mid-request, the exit code after an engine fault, SIGTERM (and the API key, on the process
+the disconnect tests start anyway). Nothing under test is mocked. Waiting is always a poll
+of a condition with a deadline, never a bare sleep.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_utils import start_server
+from clients.sse import aiter_sse
+from server_utils import InProcessServer, start_server
 
 KEY = "secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -28,10 +32,13 @@ SMALL = ("--kv-cache-memory", "256MiB")
 
 # ---------------------------------------------------------------- helpers
 
-def metrics(url: str) -> dict[str, float]:
-    """kvserve:* samples by name (labels other than model_name folded into the name)."""
+def metrics(srv) -> dict[str, float]:
+    """kvserve:* samples by name (labels other than model_name folded into the name) of a
+    server_utils server (in process or not)."""
     out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    with srv.client(timeout=10) as http:
+        text = http.get("/metrics").text
+    for line in text.splitlines():
         m = re.match(r"(kvserve:\w+)\{(.*)\} (\S+)$", line)
         if m:
             labels = ",".join(x for x in m.group(2).split(",") if not x.startswith("model_name="))
@@ -50,10 +57,10 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
 
 
-def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
+def wait_idle(srv, timeout: float = 30.0) -> dict[str, float]:
     """Running, waiting and KV usage all back to 0."""
     def idle():
-        m = metrics(url)
+        m = metrics(srv)
         busy = (m["kvserve:num_requests_running"], m["kvserve:num_requests_waiting"],
                 m["kvserve:kv_cache_usage_perc"])
         return m if busy == (0, 0, 0) else None
@@ -77,12 +84,13 @@ def assert_openai_error(resp: httpx.Response, status: int) -> dict:
     return err
 
 
-async def read_sse(resp: httpx.Response, events: list):
-    """Append each `data:` payload (parsed JSON, or the string "[DONE]") to events."""
-    async for line in resp.aiter_lines():
-        if line.startswith("data: "):
-            data = line[6:]
-            events.append(data if data == "[DONE]" else json.loads(data))
+async def read_sse(resp: httpx.Response, events: list, started: asyncio.Event | None = None):
+    """Append each event's data (parsed JSON, or the string "[DONE]") to events; set `started`
+    at the first."""
+    async for data in aiter_sse(resp.aiter_lines()):
+        events.append(data if data == "[DONE]" else json.loads(data))
+        if started is not None:
+            started.set()
 
 
 async def stream_to_end(client: httpx.AsyncClient, url: str, payload: dict,
@@ -90,12 +98,7 @@ async def stream_to_end(client: httpx.AsyncClient, url: str, payload: dict,
     events: list = []
     async with client.stream("POST", url + "/v1/completions", json=payload) as resp:
         assert resp.status_code == 200, await resp.aread()
-        async for line in resp.aiter_lines():
-            if line.startswith("data: "):
-                data = line[6:]
-                events.append(data if data == "[DONE]" else json.loads(data))
-                if started is not None:
-                    started.set()
+        await read_sse(resp, events, started)
     return events
 
 
@@ -104,9 +107,10 @@ def finish_reasons(events: list) -> list:
             for c in e["choices"] if c.get("finish_reason")]
 
 
-def timed_completion(url: str, max_tokens: int = 16, headers=None) -> float:
+def timed_completion(srv, max_tokens: int = 16, headers=None) -> float:
     t0 = time.monotonic()
-    r = httpx.post(url + "/v1/completions", json=body(max_tokens), headers=headers, timeout=120)
+    with srv.client(timeout=120) as http:
+        r = http.post("/v1/completions", json=body(max_tokens), headers=headers)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == max_tokens
     return time.monotonic() - t0
@@ -130,19 +134,18 @@ def server():
 
 def test_stream_disconnect_storm_frees_everything(server):
     url = server.url
-    baseline = timed_completion(url, headers=AUTH)
-    before = metrics(url)
+    baseline = timed_completion(server, headers=AUTH)
+    before = metrics(server)
 
     async def one(client: httpx.AsyncClient, i: int) -> int:
         chunks = 0
         async with client.stream("POST", url + "/v1/completions",
                                  json=body(400, stream=True)) as resp:
             assert resp.status_code == 200
-            async for line in resp.aiter_lines():
-                if line.startswith("data: "):
-                    chunks += 1
-                    if chunks >= 1 + i % 2:  # leave after the first chunk or two
-                        break
+            async for _ in aiter_sse(resp.aiter_lines()):
+                chunks += 1
+                if chunks >= 1 + i % 2:  # leave after the first chunk or two
+                    break
         return chunks   # leaving the block closes the connection mid-stream
 
     async def storm():
@@ -151,27 +154,27 @@ def test_stream_disconnect_storm_frees_everything(server):
             return await asyncio.gather(*(one(client, i) for i in range(50)))
 
     assert all(n >= 1 for n in asyncio.run(storm()))
-    after = wait_idle(url)
+    after = wait_idle(server)
     # they were aborted, not run to their 400 tokens
     assert aborted(after) - aborted(before) == 50
     generated = (after["kvserve:generation_tokens_total"]
                  - before["kvserve:generation_tokens_total"])
     assert generated < 50 * 400 / 4, generated
-    elapsed = timed_completion(url, headers=AUTH)
+    elapsed = timed_completion(server, headers=AUTH)
     assert elapsed < 3 * baseline + 2.0, (elapsed, baseline)
 
 
 def test_non_stream_disconnect_aborts(server):
     url = server.url
-    wait_idle(url)
-    before = aborted(metrics(url))
+    wait_idle(server)
+    before = aborted(metrics(server))
     t0 = time.monotonic()
     # 2000 tokens take minutes on a CPU; the client gives up after 1.5 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body(2000), headers=AUTH,
                    timeout=httpx.Timeout(1.5))
-    wait_until(lambda: aborted(metrics(url)) == before + 1, 15, "the request is aborted")
-    wait_idle(url, timeout=10)
+    wait_until(lambda: aborted(metrics(server)) == before + 1, 15, "the request is aborted")
+    wait_idle(server, timeout=10)
     assert time.monotonic() - t0 < 20
     # a client going away is normal: no ERROR traceback in the log for it
     log = server.log()
@@ -181,7 +184,7 @@ def test_non_stream_disconnect_aborts(server):
 # ---------------------------------------------------------------- overload
 
 def test_overload_429_and_accepted_finish():
-    with start_server(*SMALL, "--max-queue", "2", "--max-num-seqs", "1") as srv:
+    with InProcessServer(*SMALL, "--max-queue", "2", "--max-num-seqs", "1") as srv:
         url = srv.url
 
         async def one(client: httpx.AsyncClient, i: int):
@@ -199,8 +202,7 @@ def test_overload_429_and_accepted_finish():
             return r, None, time.monotonic() - t0
 
         async def flood():
-            limits = httpx.Limits(max_connections=64)
-            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            async with srv.async_client(timeout=60) as client:
                 return await asyncio.wait_for(
                     asyncio.gather(*(one(client, i) for i in range(16))), 60)
 
@@ -224,32 +226,32 @@ def test_overload_429_and_accepted_finish():
                 assert events[-1] == "[DONE]"
                 assert finish_reasons(events) == ["length"]
                 assert events[-2]["usage"]["completion_tokens"] == 8
-        wait_idle(url)
-        timed_completion(url, 4)  # still serving
+        wait_idle(srv)
+        timed_completion(srv, 4)  # still serving
 
 
 # ---------------------------------------------------------------- request timeout
 
 def test_request_timeout_non_stream_and_stream():
-    with start_server(*SMALL, "--request-timeout", "1") as srv:
+    with InProcessServer(*SMALL, "--request-timeout", "1") as srv, srv.client() as http:
         url = srv.url
         t0 = time.monotonic()
-        r = httpx.post(url + "/v1/completions", json=body(2000), timeout=60)
+        r = http.post(url + "/v1/completions", json=body(2000), timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] == "timeout"
         assert 0 < r.json()["usage"]["completion_tokens"] < 2000
         assert time.monotonic() - t0 < 10
 
         async def streamed():
-            async with httpx.AsyncClient(timeout=60) as client:
+            async with srv.async_client(timeout=60) as client:
                 return await stream_to_end(client, url, body(2000, stream=True))
         events = asyncio.run(streamed())
         assert events[-1] == "[DONE]"
         assert finish_reasons(events) == ["timeout"]
 
-        m = wait_idle(url, timeout=10)
+        m = wait_idle(srv, timeout=10)
         assert aborted(m, "timeout") == 2
-        timed_completion(url, 4)  # keeps serving, and short requests are not cut
+        timed_completion(srv, 4)  # keeps serving, and short requests are not cut
 
 
 # ---------------------------------------------------------------- engine fault
