@@ -1,10 +1,13 @@
-"""The client library (clients/) against real `kvserve serve` processes.
+"""The client library (clients/) against `kvserve serve`, in process and in real processes.
 
-Three servers, started together once for the module: `main` (plain), `busy` (API key,
---max-num-seqs 1 --max-queue 1: with one request running and one waiting, every new
-generation request is turned away with 429) and `faulty` (the engine raises in its first
-step). Retries are counted with httpx event hooks on the requests really sent; backoffs are
-tiny; waiting is a poll of /metrics with a deadline, never a bare sleep.
+`main` (plain) runs in process (server_utils.InProcessServer): over httpx.ASGITransport, and
+on a real socket (uvicorn on a thread) for the tests whose client hangs up mid-request, which
+ASGITransport can't. Two real processes, started together once for the module: `busy` (API
+key, --max-num-seqs 1 --max-queue 1: with one request running and one waiting, held open as
+streams, every new generation request is turned away with 429) and `faulty` (the engine
+raises in its first step; then the process exits 1). Retries are counted with httpx event
+hooks on the requests really sent; backoffs are tiny; waiting is a poll of /metrics with a
+deadline, never a bare sleep.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from clients import (APIConnectionError, APITimeoutError, AsyncClient, Authentic
                      NotFoundError, RateLimitError, ServiceUnavailableError, backoff_delay,
                      parse_prometheus, parse_retry_after)
 from clients.errors import error_from_body
-from server_utils import REPO_ROOT, free_port, start_server
+from server_utils import REPO_ROOT, InProcessServer, free_port, start_server
 
 KEY = "test-key"
 MAX_LEN = ("--max-model-len", "1024")
@@ -40,9 +43,15 @@ COMPLETIONS = "/v1/completions"
 # ---------------------------------------------------------------- fixtures and helpers
 
 @pytest.fixture(scope="module")
+def main():
+    """The main server's engine and app in process."""
+    with InProcessServer(*MAX_LEN) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def servers():
-    specs = {"main": (MAX_LEN, None),
-             "busy": (("--api-key", KEY, "--max-num-seqs", "1", "--max-queue", "1", *MAX_LEN),
+    specs = {"busy": (("--api-key", KEY, "--max-num-seqs", "1", "--max-queue", "1", *MAX_LEN),
                       None),
              "faulty": (MAX_LEN, {"KVSERVE_FAULT_AT_STEP": "1"})}
     with ThreadPoolExecutor(len(specs)) as pool:  # start-up is mostly waiting: overlap it
@@ -64,13 +73,15 @@ def servers():
 
 
 @pytest.fixture(scope="module")
-def url(servers) -> str:
-    return servers.main.url
+def client(main):
+    with main.client(timeout=120) as http, Client(main.url, http_client=http) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
-def client(url):
-    with Client(url, timeout=120) as c:
+def socket_client(main):
+    """A Client of the main server on a real socket, for tests whose client hangs up."""
+    with main.listening() as url, Client(url, timeout=120) as c:
         yield c
 
 
@@ -90,19 +101,31 @@ class Sent:
         return self.paths.count(path)
 
 
+def _http(server, cls, **kwargs):
+    """(base URL, an httpx client `cls` for it) of `server`: a URL, or a server_utils server
+    (in process or not), whose own client it is."""
+    if isinstance(server, str):
+        return server, cls(**kwargs)
+    make = server.client if cls is httpx.Client else server.async_client
+    return server.url, make(**kwargs)
+
+
 @contextmanager
-def counted(url: str, **kwargs):
-    """A Client whose requests are recorded: yields (client, Sent)."""
+def counted(server, **kwargs):
+    """A Client of `server` (see _http) whose requests are recorded: yields (client, Sent)."""
     sent = Sent()
     hooks = kwargs.pop("event_hooks", {})
     timeout = kwargs.pop("http_timeout", 120)
-    with httpx.Client(timeout=timeout, event_hooks={"request": [sent], **hooks}) as http:
+    url, http = _http(server, httpx.Client, timeout=timeout,
+                      event_hooks={"request": [sent], **hooks})
+    with http:
         yield Client(url, http_client=http, **kwargs), sent
 
 
-def counted_async(url: str, **kwargs) -> tuple[AsyncClient, Sent]:
+def counted_async(server, **kwargs) -> tuple[AsyncClient, Sent]:
     sent = Sent()
-    http = httpx.AsyncClient(timeout=120, event_hooks={"request": [sent.hook]})
+    url, http = _http(server, httpx.AsyncClient, timeout=120,
+                      event_hooks={"request": [sent.hook]})
     return AsyncClient(url, http_client=http, **kwargs), sent
 
 
@@ -237,7 +260,7 @@ def test_client_package_imports_only_httpx():
 
 # ---------------------------------------------------------------- generation (main server)
 
-def test_completion_sync_async_and_stream_agree(client):
+def test_completion_sync_async_and_stream_agree(client, main):
     prompt_ids = client.tokenize(PROMPT)
     assert client.detokenize(prompt_ids) == PROMPT
     out = client.completions(PROMPT, **GREEDY)
@@ -256,7 +279,7 @@ def test_completion_sync_async_and_stream_agree(client):
     assert chunks[-1].choices == () and chunks[-1].usage == out.usage == stream.usage
 
     async def run():
-        async with AsyncClient(client.base_url + "/v1/") as a:
+        async with AsyncClient(client.base_url + "/v1/", http_client=main.async_client()) as a:
             full = await a.completions(PROMPT, **GREEDY)
             s = a.stream_completions(PROMPT, **GREEDY)
             async with s:
@@ -266,7 +289,7 @@ def test_completion_sync_async_and_stream_agree(client):
     assert full.text == text == out.text and usage == out.usage
 
 
-def test_chat_sync_async_and_stream_agree(client):
+def test_chat_sync_async_and_stream_agree(client, main):
     prompt_ids = client.tokenize(CHAT)
     out = client.chat(CHAT, **GREEDY)
     assert out.id.startswith("chatcmpl-") and out.choices[0].message.role == "assistant"
@@ -280,7 +303,7 @@ def test_chat_sync_async_and_stream_agree(client):
     assert stream.usage == out.usage
 
     async def run():
-        async with AsyncClient(client.base_url) as a:
+        async with AsyncClient(client.base_url, http_client=main.async_client()) as a:
             full = await a.chat(CHAT, **GREEDY)
             return full, "".join([c.content async for c in a.stream_chat(CHAT, **GREEDY)])
     full, text = asyncio.run(run())
@@ -324,8 +347,8 @@ def test_tokenize_models_health(client):
     assert client.health() is True
 
 
-def test_model_is_looked_up_once(url):
-    with counted(url) as (c, sent):
+def test_model_is_looked_up_once(main):
+    with counted(main) as (c, sent):
         c.completions(PROMPT, max_tokens=1)
         c.stream_completions(PROMPT, max_tokens=1).close()  # never started: sends nothing
         list(c.stream_completions(PROMPT, max_tokens=1))
@@ -349,7 +372,8 @@ def test_metrics_scrape(client):
     assert client.metric_value(WAITING) == 0
 
 
-def test_closing_a_stream_aborts_the_request(client):
+def test_closing_a_stream_aborts_the_request(socket_client):
+    client = socket_client  # a real connection, that the client closes mid-stream
     aborted = client.metrics().value("kvserve:request_success_total", 0.0,
                                      finished_reason="abort")
     with client.stream_completions(PROMPT, max_tokens=500, ignore_eos=True) as s:
@@ -362,8 +386,8 @@ def test_closing_a_stream_aborts_the_request(client):
 
 # ---------------------------------------------------------------- errors (main server)
 
-def test_bad_request_raises_at_once_with_the_servers_message(url):
-    with counted(url, **FAST) as (c, sent):
+def test_bad_request_raises_at_once_with_the_servers_message(main):
+    with counted(main, **FAST) as (c, sent):
         with pytest.raises(BadRequestError) as e:
             c.completions(PROMPT, max_tokens=-1)
         err = e.value
@@ -380,7 +404,7 @@ def test_bad_request_raises_at_once_with_the_servers_message(url):
         assert sent.count() == 2  # never retried
 
     async def run():
-        async with AsyncClient(url, **FAST) as a:
+        async with AsyncClient(main.url, http_client=main.async_client(), **FAST) as a:
             with pytest.raises(BadRequestError, match="temperature"):
                 await a.completions(PROMPT, temperature=-1)
             with pytest.raises(BadRequestError):
@@ -389,18 +413,19 @@ def test_bad_request_raises_at_once_with_the_servers_message(url):
     asyncio.run(run())
 
 
-def test_unknown_model_is_not_found(client):
+def test_unknown_model_is_not_found(client, main):
     with pytest.raises(NotFoundError, match="`no-such-model` does not exist") as e:
         client.completions(PROMPT, model="no-such-model", max_tokens=1)
     assert e.value.status == 404 and e.value.param == "model"
     with pytest.raises(NotFoundError):
         client.tokenize("x", model="no-such-model")
     with pytest.raises(NotFoundError):
-        with Client(client.base_url, model="no-such-model") as c:
+        with Client(client.base_url, model="no-such-model", http_client=main.client()) as c:
             list(c.stream_chat(CHAT, max_tokens=1))
 
 
-def test_read_timeout_is_not_retried(client):
+def test_read_timeout_is_not_retried(socket_client):
+    client = socket_client  # a real connection, that the client drops at its read timeout
     model = client.models()[0]
     timeout = httpx.Timeout(0.3, connect=10.0)
     with counted(client.base_url, model=model, http_timeout=timeout, **FAST) as (c, sent):
