@@ -1,6 +1,6 @@
 """`kvserve bench`: the metrics on hand-made timings, arrivals, datasets, SSE parsing, streams
 from a mock transport (llama.cpp's usage shape, no usage at all), and end to end against a
-real kvserve process (one server for the module)."""
+real kvserve (one server for the module, in process, on a real socket)."""
 from __future__ import annotations
 
 import asyncio
@@ -254,15 +254,17 @@ def test_a_request_past_the_timeout_fails_alone(tmp_path):
 # ---------------------------------------------------------------- a real kvserve
 
 @pytest.fixture(scope="module")
-def server():
-    from server_utils import start_server
-    with start_server() as srv:
-        yield srv
+def url():
+    """The base URL of `kvserve serve`'s app and engine in this process, served by uvicorn on
+    a thread: the benchmark takes a URL, and times the chunks as they stream."""
+    from server_utils import InProcessServer
+    with InProcessServer() as srv, srv.listening() as base_url:
+        yield base_url
 
 
-def test_end_to_end_cli(server, tmp_path, capsys):
+def test_end_to_end_cli(url, tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["--base-url", server.url, "--num-prompts", "6", "--input-len", "32",
+    rc = main(["--base-url", url, "--num-prompts", "6", "--input-len", "32",
                "--output-len", "8", "--ignore-eos", "--max-concurrency", "3", "--seed", "5",
                "--warmup", "0",
                "--goodput", "ttft:600000", "e2el:600000", "--no-progress",
@@ -283,7 +285,7 @@ def test_end_to_end_cli(server, tmp_path, capsys):
     prompts = random_dataset(local_tokenizer(None), 6, 32, 8, 0.0, seed=5)
     for r, p in zip(d["requests"], prompts):
         assert r["output_tokens"] == 8 and r["ttft"] <= r["e2e"]
-        counted = httpx.post(server.url + "/tokenize", json={"prompt": p.prompt}).json()["count"]
+        counted = httpx.post(url + "/tokenize", json={"prompt": p.prompt}).json()["count"]
         assert r["prompt_tokens"] == counted == r["expected_input_len"]
         # kvserve streams a token per chunk, except that the pieces of one character wait
         assert len(r["itl"]) == len(r["chunk_times"]) - 1 <= r["output_tokens"] - 1
@@ -291,8 +293,8 @@ def test_end_to_end_cli(server, tmp_path, capsys):
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_failures_are_counted_not_raised(server, capsys):
-    rc = main(["--base-url", server.url, "--model", "no-such-model", "--num-prompts", "3",
+def test_failures_are_counted_not_raised(url, capsys):
+    rc = main(["--base-url", url, "--model", "no-such-model", "--num-prompts", "3",
                "--input-len", "8", "--output-len", "2", "--no-progress", "--tokenizer", "words"])
     report = capsys.readouterr().out
     assert rc == 1
@@ -301,8 +303,8 @@ def test_failures_are_counted_not_raised(server, capsys):
     assert "warmup request failed: HTTP 404" in report and "does not exist" in report
 
 
-def test_chat_with_poisson_arrivals(server):
-    cfg = BenchConfig(base_url=server.url, endpoint="chat", num_prompts=2, input_len=16,
+def test_chat_with_poisson_arrivals(url):
+    cfg = BenchConfig(base_url=url, endpoint="chat", num_prompts=2, input_len=16,
                       output_len=2, ignore_eos=True, request_rate=20.0, warmup=0,
                       tokenizer="server", range_ratio=0.5)
     res = asyncio.run(run_benchmark(cfg))
