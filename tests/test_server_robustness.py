@@ -316,7 +316,7 @@ def test_api_key(server):
 def test_api_key_compared_in_constant_time():
     """The code that reads the Authorization header compares with hmac.compare_digest and
     never with == / != (which return at the first differing byte)."""
-    tree = ast.parse((Path(__file__).resolve().parents[1] / "server" / "app.py").read_text())
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "server" / "middleware.py").read_text())
     checks = [node for node in ast.walk(tree)
               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
               and "authorization" in ast.unparse(node).lower()
