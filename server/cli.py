@@ -104,13 +104,31 @@ def add_info_parser(sub) -> None:
     info.set_defaults(func=cmd_info)
 
 
+def add_app_args(p: argparse.ArgumentParser) -> None:
+    """`kvserve serve`'s options for the app and its engine thread (server.serve.build_server)."""
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (not on /health, /metrics)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="waiting requests beyond this get 429 + Retry-After")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds; a request past it ends with finish_reason 'timeout'")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="request bodies above this get 413 (default: 4 MiB)")
+
+
+def app_options(args: argparse.Namespace) -> dict:
+    return dict(api_key=args.api_key, max_queue=args.max_queue,
+                request_timeout=args.request_timeout,
+                served_model_name=args.served_model_name,
+                max_request_bytes=args.max_request_bytes)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.serve import serve
-    return serve(engine_kwargs(args), host=args.host, port=args.port, api_key=args.api_key,
-                 max_queue=args.max_queue, request_timeout=args.request_timeout,
-                 shutdown_timeout=args.shutdown_timeout,
-                 served_model_name=args.served_model_name, log_level=args.log_level,
-                 max_request_bytes=args.max_request_bytes)
+    return serve(engine_kwargs(args), host=args.host, port=args.port,
+                 shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                 **app_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,17 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' (not on /health, /metrics)")
-    srv.add_argument("--max-queue", type=int, default=None,
-                     help="waiting requests beyond this get 429 + Retry-After")
-    srv.add_argument("--request-timeout", type=float, default=None,
-                     help="seconds; a request past it ends with finish_reason 'timeout'")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds running requests get to finish after SIGTERM")
-    srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--max-request-bytes", type=int, default=None,
-                     help="request bodies above this get 413 (default: 4 MiB)")
+    add_app_args(srv)
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)

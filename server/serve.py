@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 import uvicorn
+from fastapi import FastAPI
 
 from server.app import MAX_REQUEST_BYTES, build_app
 from server.async_engine import AsyncEngine
@@ -69,11 +70,12 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_queue: int | None = None,
-          request_timeout: float | None = None, shutdown_timeout: float = 30.0,
-          served_model_name: str | None = None, log_level: str = "info",
-          max_request_bytes: int | None = None) -> int:
+def build_server(engine_kwargs: dict, api_key: str | None = None,
+                 max_queue: int | None = None, request_timeout: float | None = None,
+                 served_model_name: str | None = None,
+                 max_request_bytes: int | None = None) -> tuple[AsyncEngine, FastAPI]:
+    """The engine on its thread and the app over it (what `kvserve serve` runs, and what the
+    tests run in process); stop the AsyncEngine when done."""
     from engine import LLMEngine
     aengine = AsyncEngine.launch(
         lambda: LLMEngine.from_args(**engine_kwargs),
@@ -81,9 +83,20 @@ def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
                                engine.config.max_model_len),
         max_queue=max_queue, request_timeout=request_timeout)
     try:
-        name = served_model_name or aengine.engine.model_name
-        app = build_app(aengine, served_model_name=name, api_key=api_key,
-                        max_request_bytes=max_request_bytes or MAX_REQUEST_BYTES)
+        app = build_app(aengine, served_model_name=served_model_name or aengine.engine.model_name,
+                        api_key=api_key, max_request_bytes=max_request_bytes or MAX_REQUEST_BYTES)
+    except BaseException:
+        aengine.stop()
+        raise
+    return aengine, app
+
+
+def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
+          shutdown_timeout: float = 30.0, log_level: str = "info", **app_options) -> int:
+    """Serve until SIGTERM (see the module docstring); app_options: build_server's."""
+    aengine, app = build_server(engine_kwargs, **app_options)
+    try:
+        name = app.state.server.model_name
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                                 timeout_graceful_shutdown=5, access_log=False)
         server = _Server(config, aengine, shutdown_timeout)

@@ -64,24 +64,15 @@ def free_port() -> int:
 
 def serve_options(*args: str) -> tuple[dict, dict]:
     """`kvserve serve` flags (DEFAULT_ARGS under them) -> (LLMEngine.from_args kwargs, the
-    server's own options), read with server/cli.py's engine flags and engine_kwargs."""
-    from server.cli import add_engine_args, engine_kwargs
+    app's options), read with server/cli.py's own flags; --host, --port and
+    --shutdown-timeout belong to a process and are refused."""
+    from server.cli import add_app_args, add_engine_args, app_options, engine_kwargs
     parser = argparse.ArgumentParser(prog="kvserve serve (in process)")
     add_engine_args(parser)
-    # serve's own flags that change what a request sees, as server/cli.py's main() defines
-    # them (inline there, so repeated here); --host, --port and --shutdown-timeout belong to
-    # a process and are refused
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--max-queue", type=int, default=None)
-    parser.add_argument("--request-timeout", type=float, default=None)
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--max-request-bytes", type=int, default=None)
+    add_app_args(parser)
     defaults = [x for kv in DEFAULT_ARGS.items() for x in kv]
     ns = parser.parse_args([*defaults, *map(str, args)])  # the later flag wins
-    return engine_kwargs(ns), dict(api_key=ns.api_key, max_queue=ns.max_queue,
-                                   request_timeout=ns.request_timeout,
-                                   served_model_name=ns.served_model_name,
-                                   max_request_bytes=ns.max_request_bytes)
+    return engine_kwargs(ns), app_options(ns)
 
 
 class _AsyncBody(httpx.AsyncByteStream):
@@ -116,29 +107,19 @@ class _SyncASGITransport(httpx.BaseTransport):
 
 
 class InProcessServer:
-    """The engine thread and the app of `kvserve serve *args`, built as server/serve.py's
-    serve() builds them, in this process; a context manager that stops the engine on exit."""
+    """The engine thread and the app of `kvserve serve *args` (server/serve.py's
+    build_server, as the CLI runs it), in this process; a context manager that stops the
+    engine on exit."""
 
     url = "http://kvserve.test"  # any name: the transports never resolve it
 
     def __init__(self, *args: str):
-        from engine import LLMEngine
-        from server.app import MAX_REQUEST_BYTES, build_app
-        from server.async_engine import AsyncEngine
-        from server.metrics import Metrics
+        from server.serve import build_server
         engine_kw, opts = serve_options(*args)
-        served = opts["served_model_name"]
-        self.aengine = AsyncEngine.launch(
-            lambda: LLMEngine.from_args(**engine_kw),
-            lambda engine: Metrics(served or engine.model_name, engine.config.max_model_len),
-            max_queue=opts["max_queue"], request_timeout=opts["request_timeout"])
+        self.aengine, self.app = build_server(engine_kw, **opts)
         self._exit = contextlib.ExitStack()
         self._exit.callback(self.aengine.stop)
         try:
-            self.app = build_app(self.aengine,
-                                 served_model_name=served or self.aengine.engine.model_name,
-                                 api_key=opts["api_key"],
-                                 max_request_bytes=opts["max_request_bytes"] or MAX_REQUEST_BYTES)
             # the event loop (on its own thread) that sync clients' requests run on
             self._portal = self._exit.enter_context(anyio.from_thread.start_blocking_portal())
         except BaseException:
