@@ -115,6 +115,8 @@ class Scheduler:
         and the logits row of each (a child shares its parent's)."""
         for seq, n in zip(out.seqs, out.num_tokens):
             self.kv.advance(seq, n)
+        if not any(seq.pending_children for seq in sampling):
+            return sampling, list(range(len(sampling)))
         seqs, rows = [], []
         for row, seq in enumerate(sampling):
             seqs.append(seq)
