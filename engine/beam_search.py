@@ -128,7 +128,10 @@ class BeamSearch:
         top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
         for row, i in enumerate(beam):
             seq = seqs[i]
-            states[seq.request_id].candidates[seq.seq_id] = (top_ids[row], top_lp[row])
+            # a grammar's masked tokens (-inf) are no candidates
+            ids, lps = zip(*[(t, x) for t, x in zip(top_ids[row], top_lp[row])
+                             if x != float("-inf")])
+            states[seq.request_id].candidates[seq.seq_id] = (list(ids), list(lps))
         if not rest:
             return [], None
         return [seqs[i] for i in rest], logits[torch.tensor(rest, device=logits.device)]

@@ -32,6 +32,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stop_rules import StopRules
+from engine.structured_output import StructuredOutputs
 from engine.tokenizer import Tokenizer
 
 # The time of an attention multiply-add over a GEMM's, for the scheduler's prompt chunks
@@ -63,6 +64,7 @@ class LLMEngine:
         self.sampler = Sampler(self.stop_rules)
         self.output = OutputProcessor(tokenizer, self.stop_rules)
         self.beam_search = BeamSearch(self.scheduler, self.output)
+        self.structured = StructuredOutputs(tokenizer, config.model.vocab_size, eos)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "steps": 0}
 
@@ -119,7 +121,11 @@ class LLMEngine:
             raise ParamError(name, f"{name} ({width}) exceeds max_num_seqs "
                              f"({self.config.max_num_seqs}): its sequences could never run "
                              f"together")
+        grammar = None
+        if params.structured_outputs is not None:  # compiled (or refused) before anything runs
+            grammar = self.structured.matcher(params.structured_outputs)
         req = Request(request_id, text, ids, params, arrival_time)
+        req.first.grammar = grammar  # n > 1 children and beams fork it
         self.requests[request_id] = req
         self.scheduler.add(req.first)
 
@@ -148,6 +154,7 @@ class LLMEngine:
             return []
         if len(rows) > len(sampling):  # n > 1 children share their parent's row
             logits = logits[torch.tensor(rows, device=logits.device)]
+        self.structured.apply(seqs, logits)  # constrained rows: what their grammar allows
         touched = {seq.request_id: self.requests[seq.request_id] for seq in seqs}
         if any(seq.params.use_beam_search for seq in seqs):
             beams = {rid: req.beam for rid, req in touched.items() if req.beam is not None}

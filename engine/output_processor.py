@@ -20,6 +20,8 @@ class OutputProcessor:
         `top` = (rank of token, top ids, their logprobs) when the request asked for logprobs."""
         self.append_token(seq, token, logprob, top)
         p = seq.params
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return FinishReason.STOP  # the grammar took its end (EOS, even with ignore_eos)
         new_text = 0
         if self.tokenizer is not None:
             if seq.detok is None:
@@ -39,6 +41,8 @@ class OutputProcessor:
         """Only the token, its log-probability and its logprobs entry (beam search)."""
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            raise RuntimeError(f"token {token} was masked by {seq}'s grammar yet chosen")
         if seq.logprobs is not None:
             seq.logprobs.append(self.entry(token, logprob, top))
 

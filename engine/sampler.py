@@ -121,7 +121,9 @@ class _Batch:
                 b.top_p.append(p.top_p)
                 b.min_p.append(p.min_p)
                 b.generators.append(None if p.seed is None else _generator(seq, device))
-            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+            # (a constrained row's grammar decides where it may end: masking EOS there too
+            # could leave no token at all)
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens and seq.grammar is None:
                 if banned := sorted(t for t in stop.stop_tokens(p) if t < vocab):
                     b.banned[row] = banned
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:

@@ -19,6 +19,38 @@ MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain an output to a language (vLLM's names); exactly one of them. The engine
+    compiles it once per distinct value (engine/structured_output.py)."""
+    json: dict | str | None = None    # a JSON schema (object or its JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None   # one of these strings, exactly
+    grammar: str | None = None        # EBNF / GBNF (root rule `root`)
+    json_object: bool = False         # any JSON object
+
+    def __post_init__(self):
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        _check(len(given) == 1, "structured_outputs",
+               f"needs exactly one of json, regex, choice, grammar, json_object; got "
+               f"{given or 'none'}")
+        _check(self.choice is None or (isinstance(self.choice, list) and self.choice and all(
+            isinstance(c, str) and c for c in self.choice)), "structured_outputs",
+            "choice must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value), "structured_outputs",
+                   f"{name} must be a non-empty string")
+        _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs",
+               "json must be a JSON schema (an object or its text)")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -40,6 +72,7 @@ class SamplingParams:
     beam_width: int = 1
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):

@@ -209,6 +209,8 @@ class Scheduler:
         child.cumulative_logprob = parent.cumulative_logprob
         if parent.logprobs is not None:
             child.logprobs = list(parent.logprobs)
+        if parent.grammar is not None:
+            child.grammar = parent.grammar.fork()
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 

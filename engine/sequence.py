@@ -55,6 +55,9 @@ class Sequence:
         self.detok = None                      # IncrementalDetokenizer, made on first token
         self.stop_reason: int | str | None = None   # the stop token id or stop string
         self.stop_text_end: int | None = None  # where a matched stop string starts in the text
+        # structured output: the grammar matcher (engine/structured_output.py masks the
+        # logits by it, the output processor advances it, a fork copies it)
+        self.grammar = None
         # the sampler: seeded draws and penalty counts (engine/sampler.py)
         self.generator: torch.Generator | None = None
         self.sampler_state: object | None = None

@@ -1,0 +1,162 @@
+"""Structured output: a grammar matcher per constrained sequence and, each step, its row of the
+logits masked to the tokens the grammar allows next (EOS only where the grammar may end).
+
+The grammar work is xgrammar's (JSON schema, regex, EBNF compiled against the tokenizer's
+vocabulary; no automaton code of our own). Why xgrammar: on the project's 2-core EPYC with
+SmolLM2's 49152-token vocabulary, the mask of a JSON-schema row while generating a 47-token
+object took ~2 us median (96 us worst) with xgrammar 0.2.9 against ~21 us median (7 ms on the
+first call) with llguidance 1.9.1; compiling the schema took 8 ms (0.1 ms from the cache); and
+xgrammar's matchers fork, which n > 1 and beam search need. (Both validated the same output.)
+
+JSON is generated compactly (`", "` and `": "` separators, no free whitespace): a small model
+sampling at temperature 1 would otherwise spend its tokens on blank lines.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+
+import torch
+
+from engine.errors import ParamError
+from engine.sampling_params import StructuredOutputsParams
+from engine.sequence import Sequence
+
+logger = logging.getLogger("kvserve.engine")
+
+CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
+
+
+class StructuredOutputs:
+    """Compiles constraints (cached by value) and masks the constrained rows of a step."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._compiler = None              # made at the first constrained request
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._bitmask: torch.Tensor | None = None
+        self.num_compiles = 0              # cache misses (tests and logs read this)
+
+    # ---------------------------------------------------------------- compile
+
+    def matcher(self, spec: StructuredOutputsParams):
+        """A fresh matcher for spec; ParamError("structured_outputs") if spec is invalid or
+        something the backend cannot express."""
+        import xgrammar as xgr
+        return xgr.GrammarMatcher(self._compiled(spec))
+
+    def _compiled(self, spec: StructuredOutputsParams):
+        key = _key(spec)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        compiler = self._get_compiler()
+        t0 = time.perf_counter()
+        try:
+            compiled = _compile(compiler, spec)
+        except ParamError:
+            raise
+        except Exception as e:  # noqa: BLE001 - xgrammar's errors: a bad schema/regex/grammar
+            # its C++ messages start "[hh:mm:ss] /path/file.cc:123: "
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip()) or type(e).__name__
+            raise ParamError("structured_outputs", f"structured_outputs: the {spec.kind} "
+                                                   f"constraint cannot be used: {reason}") from None
+        self.num_compiles += 1
+        logger.debug("compiled a %s constraint in %.1f ms", spec.kind,
+                     (time.perf_counter() - t0) * 1e3)
+        self._cache[key] = compiled
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def _get_compiler(self):
+        if self._compiler is None:
+            if self.tokenizer is None:
+                raise ParamError("structured_outputs", "structured outputs need the model's "
+                                                       "tokenizer; this model has none")
+            try:
+                import xgrammar as xgr
+            except ImportError as e:
+                raise ParamError("structured_outputs", f"structured outputs need the xgrammar "
+                                                       f"package ({e})") from None
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer.hf, vocab_size=self.vocab_size,
+                stop_token_ids=self.eos_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+    # ---------------------------------------------------------------- one step
+
+    def apply(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Mask, in place, the logits rows of constrained sequences to what their grammar
+        allows next. logits: [len(seqs), V] float32, row i is seqs[i]'s."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return
+        import xgrammar as xgr
+        if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
+            self._bitmask = xgr.allocate_token_bitmask(max(len(seqs), 16), self.vocab_size)
+        bitmask = self._bitmask[:len(seqs)]
+        for i in rows:
+            seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
+                                        indices=rows)
+
+
+def _key(spec: StructuredOutputsParams) -> tuple:
+    value = getattr(spec, spec.kind)
+    if spec.kind == "json":  # a schema as an object or as text: the same key
+        try:
+            value = json.dumps(json.loads(value) if isinstance(value, str) else value,
+                               sort_keys=True)
+        except ValueError:
+            pass  # not JSON: refused by _compile, and not cached
+    elif spec.kind == "choice":
+        value = tuple(value)
+    return spec.kind, value
+
+
+def _compile(compiler, spec: StructuredOutputsParams):
+    kind = spec.kind
+    if kind == "json":
+        schema = spec.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ParamError("structured_outputs",
+                                 f"structured_outputs: json is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ParamError("structured_outputs", "structured_outputs: a JSON schema must be "
+                                                   "an object")
+        _check_schema(schema)
+        return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+    if kind == "json_object":
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+    if kind == "regex":
+        return compiler.compile_regex(spec.regex)
+    if kind == "grammar":
+        return compiler.compile_grammar(spec.grammar)
+    # choice: one of the strings exactly, as an EBNF alternation of quoted literals
+    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
+    return compiler.compile_grammar(f"root ::= {alternatives}")
+
+
+def _check_schema(schema: dict) -> None:
+    """A schema that is not a valid JSON schema is refused by name (xgrammar would accept
+    some of them and constrain to something else)."""
+    try:
+        import jsonschema
+    except ImportError:  # the compiler's own checks still apply
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        raise ParamError("structured_outputs",
+                         f"structured_outputs: not a valid JSON schema: {e.message}") from None

@@ -1,0 +1,119 @@
+"""Structured output in the engine (offline API): every sampled output of a constrained
+request is in its language, constrained and free rows share a batch, forks keep their own
+grammar state, compilation is cached, and bad constraints are refused by name."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from engine import SamplingParams, StructuredOutputsParams as SO
+from engine.errors import ParamError
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["red", "green"]},
+                                  "minItems": 1, "maxItems": 3}},
+          "required": ["name", "age", "tags"]}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from engine import LLM
+    return LLM(max_num_seqs=16, kv_cache_memory="256MiB")
+
+
+@pytest.fixture(scope="module")
+def prompt(llm):
+    return llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Describe a person."}], True)
+
+
+def texts(llm, prompt, **kw) -> list:
+    return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0].outputs
+
+
+def test_unconstrained_output_is_not_json_but_constrained_output_validates(llm, prompt):
+    free = texts(llm, prompt, temperature=0, max_tokens=40)[0].text
+    with pytest.raises(ValueError):  # the model answers in prose: the constraint has work to do
+        json.loads(free)
+    outs = texts(llm, prompt, n=4, temperature=1.0, seed=3, max_tokens=160,
+                 structured_outputs=SO(json=PERSON))
+    for out in outs:
+        assert out.finish_reason == "stop", out
+        jsonschema.validate(json.loads(out.text), PERSON)
+    assert len({o.text for o in outs}) > 1  # forks sample on their own grammar state
+
+
+def test_regex_choice_grammar_and_json_object(llm, prompt):
+    for out in texts(llm, prompt, n=3, temperature=1.0, seed=1, max_tokens=20,
+                     structured_outputs=SO(regex=r"\d{4}-\d{2}-\d{2}")):
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", out.text), out.text
+    for out in texts(llm, prompt, n=3, temperature=1.0, seed=2, max_tokens=10,
+                     structured_outputs=SO(choice=["yes", "no", "it \"depends\""])):
+        assert out.text in ("yes", "no", 'it "depends"'), out.text
+    grammar = 'root ::= item (", " item)*\nitem ::= [0-9]+ " " ("apples" | "pears")'
+    for out in texts(llm, prompt, n=3, temperature=1.0, seed=4, max_tokens=40,
+                     structured_outputs=SO(grammar=grammar)):
+        if out.finish_reason == "stop":
+            assert re.fullmatch(r"[0-9]+ (apples|pears)(, [0-9]+ (apples|pears))*", out.text)
+    for out in texts(llm, prompt, n=2, temperature=1.0, seed=5, max_tokens=120,
+                     structured_outputs=SO(json_object=True)):
+        assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict)
+
+
+def test_constrained_and_free_rows_share_a_batch(llm, prompt):
+    alone = texts(llm, prompt, temperature=0, max_tokens=24)[0].token_ids
+    outs = llm.generate([prompt, prompt], [
+        SamplingParams(temperature=0, max_tokens=24),
+        SamplingParams(temperature=0, max_tokens=160, structured_outputs=SO(json=PERSON))],
+        use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == alone  # the free row is not masked
+    jsonschema.validate(json.loads(outs[1].outputs[0].text), PERSON)
+
+
+def test_beam_search_keeps_every_beam_in_the_language(llm, prompt):
+    outs = texts(llm, prompt, n=2, use_beam_search=True, beam_width=3, max_tokens=100,
+                 structured_outputs=SO(json=PERSON))
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), PERSON)
+
+
+def test_the_grammar_ends_the_output_even_with_ignore_eos_and_min_tokens(llm, prompt):
+    out = texts(llm, prompt, temperature=0, max_tokens=30, ignore_eos=True, min_tokens=5,
+                structured_outputs=SO(choice=["yes", "no"]))[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
+def test_compilation_is_cached_by_value(llm, prompt):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    before = llm.engine.structured.num_compiles
+    for _ in range(3):  # the same schema, as an object and as text: compiled once
+        texts(llm, prompt, temperature=0, max_tokens=20, structured_outputs=SO(json=schema))
+    texts(llm, prompt, temperature=0, max_tokens=20,
+          structured_outputs=SO(json=json.dumps(schema)))
+    assert llm.engine.structured.num_compiles == before + 1
+
+
+@pytest.mark.parametrize("bad, words", [
+    (SO(json={"type": "nonsense"}), "not a valid JSON schema"),
+    (SO(json="{"), "not valid JSON"),
+    (SO(regex="("), "regex constraint cannot be used"),
+    (SO(grammar="root ::= "), "grammar constraint cannot be used"),
+])
+def test_bad_constraints_are_refused_before_anything_runs(llm, bad, words):
+    engine = llm.engine
+    with pytest.raises(ParamError, match=words) as e:
+        engine.add_request("bad", [1, 2, 3], SamplingParams(structured_outputs=bad))
+    assert e.value.param == "structured_outputs"
+    assert not engine.has_unfinished_requests()
+
+
+def test_the_params_need_exactly_one_constraint():
+    for kw in ({}, {"json": {}, "regex": "a"}, {"choice": []}, {"regex": ""}):
+        with pytest.raises(ParamError) as e:
+            SO(**kw)
+        assert e.value.param == "structured_outputs"
