@@ -19,6 +19,7 @@ from server.formatting import Formatter, sse_event
 from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                              CompletionResponse, error_responses)
 from server.state import ServerState, server_state
+from server.structured import for_field
 
 router = APIRouter()  # build_app adds the 401 to these routes' docs when a key is set
 
@@ -70,9 +71,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.need_tokenizer()
     if body.tools:
         raise APIError(400, "tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type") not in (None, "text"):
-        raise APIError(400, "response_format other than text is not supported",
-                       param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     ids = state.chat_ids(body.messages, body.add_generation_prompt)
@@ -89,12 +87,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _run(state, request, "chatcmpl", [(ids, params)], body, chat=True)
 
 
-async def _start(state: ServerState, rid: str, ids: list[int],
-                 params: SamplingParams) -> RequestStream:
+async def _start(state: ServerState, rid: str, ids: list[int], params: SamplingParams,
+                 body) -> RequestStream:
     try:
         return await state.aengine.add_request(rid, ids, params)
     except ENGINE_ERRORS as e:  # a bad field (the prompt, unless it names another), 429, 503
-        raise api_error(e, "prompt") from None
+        # a constraint the engine could not compile: name the field the client sent
+        constraint = (body.constraint_fields() or [None])[0]
+        raise api_error(for_field(e, constraint), "prompt") from None
 
 
 async def _run(state: ServerState, request: Request, kind: str, jobs, body, chat: bool):
@@ -102,7 +102,7 @@ async def _run(state: ServerState, request: Request, kind: str, jobs, body, chat
     streams = []
     try:
         for i, (ids, params) in enumerate(jobs):
-            streams.append(await _start(state, f"{base}-{i}", ids, params))
+            streams.append(await _start(state, f"{base}-{i}", ids, params, body))
     except BaseException:
         for s in streams:
             s.abort()

@@ -7,34 +7,19 @@ is accepted.  SamplingParams checks the same bounds again for the engine's own c
 module defines the numbers both use)."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine import SamplingParams
 from engine.errors import ParamError
 from engine.sampling_params import (MAX_ABS_LENGTH_PENALTY, MAX_LOGPROBS, MAX_PENALTY,
                                     MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY,
                                     MIN_TEMPERATURE)
+from server.fields import REQUEST, Text
+from server.structured import ConstraintFields
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
-
-
-REQUEST = ConfigDict(extra="ignore", strict=True)
-
-
-def _utf8(value: str) -> str:
-    # JSON may carry "\ud800" (a lone surrogate): valid JSON, but no Unicode text, so the
-    # tokenizer cannot take it. Say so here (a 400 naming the field) instead of failing there.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode text: a lone surrogate {value[e.start]!r} at "
-                         f"character {e.start}") from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class StreamOptions(BaseModel):
@@ -42,8 +27,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions."""
+class _Sampling(ConstraintFields):
+    """Fields shared by completions and chat completions (those that constrain the output:
+    server/structured.py)."""
     model_config = REQUEST
 
     model: str | None = None
@@ -87,7 +73,8 @@ class _Sampling(BaseModel):
                   stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                   seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                   skip_special_tokens=self.skip_special_tokens,
-                  use_beam_search=self.use_beam_search, length_penalty=self.length_penalty)
+                  use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
+                  structured_outputs=self.structured_outputs_params())
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             if getattr(self, name) is not None:
@@ -140,7 +127,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
     tool_choice: Union[str, dict, None] = None
-    response_format: dict | None = None
     add_generation_prompt: bool = True
 
 
