@@ -117,3 +117,24 @@ def test_the_params_need_exactly_one_constraint():
         with pytest.raises(ParamError) as e:
             SO(**kw)
         assert e.value.param == "structured_outputs"
+
+
+def test_the_cpu_bitmask_kernel_equals_xgrammars():
+    import torch
+    import xgrammar as xgr
+
+    from kernels import cpu
+    if not cpu.available():
+        pytest.skip(f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+    vocab = 49157  # not a multiple of 32: the last word is partial
+    gen = torch.Generator().manual_seed(0)
+    for rows in ([0, 3, 5], list(range(8))):
+        logits = torch.randn(8, vocab, generator=gen)
+        ref = logits.clone()
+        bitmask = torch.randint(-2**31, 2**31 - 1, (8, (vocab + 31) // 32), dtype=torch.int32,
+                                generator=gen)
+        bitmask[1] = -1  # every token allowed
+        cpu.apply_bitmask(logits, bitmask, rows)
+        xgr.apply_token_bitmask_inplace(ref, bitmask, vocab_size=vocab, indices=rows)
+        assert torch.equal(logits, ref)
+        assert (logits == float("-inf")).any()

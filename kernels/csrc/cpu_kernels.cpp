@@ -1455,6 +1455,29 @@ int kvs_row_stats(const float* x, int64_t rows, int64_t V, const int64_t* target
     return 0;
 }
 
+// Structured output: every token whose bit is 0 in its row's bitmask (xgrammar's layout:
+// token t is bit t % 32 of int32 word t / 32) gets -inf, for the listed rows of x [*, V].
+int kvs_apply_bitmask(float* x, int64_t V, const int32_t* bitmask, int64_t words,
+                      const int64_t* rows, int64_t nrows, int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
+    parallel_for(p, nrows, [&](int64_t i) {
+        const int64_t r = rows[i];
+        float* row = x + r * V;
+        const uint32_t* bm = reinterpret_cast<const uint32_t*>(bitmask + r * words);
+        for (int64_t w = 0; w < words && w * 32 < V; ++w) {
+            uint32_t off = ~bm[w];  // the masked tokens of these 32
+            while (off) {
+                const int64_t t = w * 32 + __builtin_ctz(off);
+                if (t >= V) break;
+                row[t] = -INFINITY;
+                off &= off - 1;
+            }
+        }
+    });
+    return 0;
+}
+
 int kvs_has_vnni() {
 #if defined(__AVX512VNNI__)
     return 1;
