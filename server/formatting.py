@@ -42,6 +42,7 @@ class Formatter:
         self.echoed: set[int] = set()      # choices whose prompt part was streamed
         self.prompt_sent: set[int] = set()  # ... and whose prompt_logprobs field was
         self.prompt_chars: dict[int, int] = {}  # per prompt: its pieces' length (offsets)
+        self.tools = body.tool_calls() if chat else None  # outputs are tool calls (tools.py)
 
     @property
     def object(self) -> str:
@@ -53,7 +54,8 @@ class Formatter:
 
     def start_chunks(self):
         if self.chat:
-            yield self._chunk([{"index": j, "delta": {"role": "assistant", "content": ""},
+            content = None if self.tools else ""
+            yield self._chunk([{"index": j, "delta": {"role": "assistant", "content": content},
                                 "logprobs": None, "finish_reason": None}
                                for j in range(self.n)])
 
@@ -81,7 +83,12 @@ class Formatter:
                 logprobs = self._cmpl_logprobs(i, out, c, start_k, start_t, echo, new_tokens > 0)
             if c.finish_reason:
                 self.finished.add(index)
-            if self.chat:
+            if self.chat and self.tools:
+                delta = self.tools.delta(index, c.text, bool(c.finish_reason))
+                if delta or c.finish_reason or logprobs:
+                    choices.append({"index": index, "delta": delta, "logprobs": logprobs,
+                                    "finish_reason": self.tools.finish_reason(c.finish_reason)})
+            elif self.chat:
                 choices.append({"index": index, "delta": {"content": text} if text else {},
                                 "logprobs": logprobs, "finish_reason": c.finish_reason})
             else:
@@ -116,9 +123,12 @@ class Formatter:
                 self.completion_tokens[index] = 0 if self.score_only else len(c.token_ids)
                 if self.chat:
                     logprobs = self._logprobs(c, 0, 0) if c.logprobs else None
-                    choices.append({"index": index, "message": {"role": "assistant",
-                                                                "content": c.text},
-                                    "logprobs": logprobs, "finish_reason": c.finish_reason})
+                    message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
+                    if self.tools:
+                        message = self.tools.message(index, c.text)
+                        reason = self.tools.finish_reason(reason)
+                    choices.append({"index": index, "message": message, "logprobs": logprobs,
+                                    "finish_reason": reason})
                     continue
                 text = "" if self.score_only else c.text
                 logprobs = None

@@ -18,6 +18,7 @@ from engine.sampling_params import (MAX_ABS_LENGTH_PENALTY, MAX_LOGPROBS, MAX_PE
                                     MIN_TEMPERATURE)
 from server.fields import REQUEST, Text
 from server.structured import ConstraintFields
+from server.tools import Tool, ToolCall, ToolCalls, ToolChoice, tool_mode
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
 
@@ -125,9 +126,21 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict] | None = None
-    tool_choice: Union[str, dict, None] = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted: one call per choice (server/tools.py)
     add_generation_prompt: bool = True
+
+    def tool_calls(self) -> ToolCalls | None:
+        """How this request calls tools (None: it answers in text); ParamError if it can't."""
+        return tool_mode(self.tools, self.tool_choice)
+
+    def constraint_fields(self) -> list[str]:
+        return super().constraint_fields() + (["tools"] if self.tool_calls() else [])
+
+    def _params_kwargs(self, field: str) -> dict:
+        return {"json": self.tool_calls().schema()} if field == "tools" else \
+            super()._params_kwargs(field)
 
 
 class TokenizeRequest(BaseModel):
@@ -216,6 +229,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
