@@ -18,7 +18,7 @@ from engine.sampling_params import (MAX_ABS_LENGTH_PENALTY, MAX_LOGPROBS, MAX_PE
                                     MIN_TEMPERATURE)
 from server.fields import REQUEST, Text
 from server.structured import ConstraintFields
-from server.tools import Tool, ToolCall, ToolCalls, ToolChoice, tool_mode
+from server.tools import Tool, ToolCall, ToolCalls, ToolChoice, calls_text, tool_mode
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
 
@@ -107,8 +107,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None           # a tool's answer: to which call
 
     def text(self) -> str:
+        if self.tool_calls and not self.content:
+            return calls_text(self.tool_calls)
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []

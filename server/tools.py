@@ -9,6 +9,10 @@ The response carries it as message.tool_calls (content null, finish_reason "tool
 and a stream sends it as OpenAI streams tool calls: the call's id and function name first,
 then the arguments in fragments as they are generated.
 
+A conversation that goes on after a call sends the call back (an assistant message with
+tool_calls, content null) and the tool's answer (role "tool"); the call becomes the text of the
+assistant's turn (calls_text), as chat templates without tool support render only content.
+
 tool_choice "none" answers in text and ignores the tools. "auto" (OpenAI's default when
 tools are given) would need the model to decide between text and a call in its own tool-call
 format, which nothing here parses (SmolLM2's chat template has none): it is a 400 that says
@@ -16,6 +20,7 @@ to use "required" or a named function.
 """
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from typing import Literal, Union
@@ -178,3 +183,18 @@ class ToolCalls:
             return {}
         return {"tool_calls": [call]}
 
+
+
+def calls_text(calls: list[ToolCall]) -> str:
+    """An assistant message's earlier tool calls as the text of its turn, for chat templates
+    that render only content (SmolLM2's): one {"name", "arguments"} object per line, the shape
+    "required" generates."""
+    lines = []
+    for call in calls:
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:  # not JSON: as the client sent it
+            arguments = call.function.arguments
+        lines.append(json.dumps({"name": call.function.name, "arguments": arguments},
+                                ensure_ascii=False))
+    return "\n".join(lines)

@@ -150,6 +150,24 @@ def test_a_call_cut_short_says_length(client):
         assert call["function"]["name"] == "get_weather"
 
 
+def test_earlier_calls_reach_the_prompt(client):
+    """A conversation that goes on after a call: the assistant's tool_calls (content null)
+    are the text of its turn, the tool's answer follows, and the model answers from there."""
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}]
+    r = client.post("/tokenize", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    prompt = client.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+    assert call in prompt and prompt.index(call) < prompt.index("sunny, 21 degrees"), prompt
+    (c,) = whole(client, {"messages": messages, "tools": TOOLS, "tool_choice": "none",
+                          "max_tokens": 4})
+    assert c["message"]["content"]
+
+
 @pytest.mark.parametrize("extra,param", [
     ({}, "tool_choice"),                                       # "auto" by default
     ({"tool_choice": "auto"}, "tool_choice"),
