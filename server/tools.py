@@ -142,12 +142,13 @@ class ToolCalls:
         if head is None:
             return None, ""
         rest = text[head.end():]
-        tail = _CALL_TAIL.search(rest)
-        if final:  # the output ends with the call's own "}" after the arguments
-            rest = re.sub(r"\s*\}\s*$", "", rest, count=1)
-        elif tail is not None:
-            rest = rest[:tail.start()]
-        return head.group(1), rest
+        if not final:
+            return head.group(1), rest[:_CALL_TAIL.search(rest).start()]
+        try:  # a whole call ends with its own "}" after the arguments
+            json.loads(text)
+        except ValueError:  # cut short (max_tokens): the arguments as far as they got
+            return head.group(1), rest
+        return head.group(1), re.sub(r"\s*\}\s*$", "", rest, count=1)
 
     def _id(self, index: int) -> str:
         return self.ids.setdefault(index, f"call_{uuid.uuid4().hex[:24]}")

@@ -168,6 +168,30 @@ def test_earlier_calls_reach_the_prompt(client):
     assert c["message"]["content"]
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["required", "named"])
+def test_streamed_arguments_add_up_at_any_split(named):
+    """ToolCalls on outputs as the engine writes them, grown one character at a time: the
+    streamed header and argument fragments add up to the whole response's call, also when
+    max_tokens ends the output right after the call's last brace (finish "length")."""
+    from server.protocol import ChatCompletionRequest
+    body = ChatCompletionRequest.model_validate({**BASE, "tool_choice": {
+        "type": "function", "function": {"name": "get_weather"}} if named else "required"})
+    args = '{"city": "Paris {x}", "unit": "celsius"}'
+    text = args if named else '{"name": "get_weather", "arguments": ' + args + "}"
+    for cut in (len(text), len(text) - 1, len(text) - 5):
+        calls, streamed = body.tool_calls(), ""
+        for end in range(1, cut + 1):
+            delta = calls.delta(0, text[:end], finished=end == cut)
+            for tc in delta.get("tool_calls", []):
+                streamed += tc["function"].get("arguments", "")
+        (call,) = calls.message(0, text[:cut])["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and call["id"] == calls.ids[0]
+        assert streamed == call["function"]["arguments"], (cut, streamed)
+        head = 0 if named else len(text) - len(args) - 1  # where the arguments start
+        whole_args = args if cut == len(text) else text[head:cut]
+        assert streamed == whole_args, (cut, streamed)
+
+
 @pytest.mark.parametrize("extra,param", [
     ({}, "tool_choice"),                                       # "auto" by default
     ({"tool_choice": "auto"}, "tool_choice"),
