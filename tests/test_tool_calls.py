@@ -257,3 +257,13 @@ def test_openai_sdk(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
     assert e.value.body["param"] == "tool_choice"
+
+
+def test_openapi_documents_tools(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    props = schemas["ChatCompletionRequest"]["properties"]
+    assert props["tools"]["anyOf"][0]["items"] == {"$ref": "#/components/schemas/Tool"}
+    assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(props)
+    assert set(schemas["FunctionDef"]["properties"]) >= {"name", "description", "parameters"}
+    assert "tool_calls" in schemas["AssistantMessage"]["properties"]
+    assert "tool_calls" in schemas["ChatMessage"]["properties"]
