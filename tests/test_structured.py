@@ -227,6 +227,14 @@ def test_openai_sdk_parse_and_response_format(server):
         assert c.finish_reason == "stop" and isinstance(c.message.parsed, Pet), c
         assert c.message.parsed == Pet.model_validate_json(c.message.content)
 
+    # the SDK's streaming helper parses the reassembled stream the same way
+    with client.beta.chat.completions.stream(
+            model="SmolLM2-135M-Instruct", messages=chat("Describe a pet."), response_format=Pet,
+            temperature=1.0, max_tokens=MAX_TOKENS) as s:
+        events = [event.type for event in s]
+        final = s.get_final_completion()
+    assert "content.delta" in events and isinstance(final.choices[0].message.parsed, Pet)
+
     schema = SCHEMAS["nested"]
     r = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=chat("Where do you live?"), temperature=1.0,

@@ -253,6 +253,14 @@ def test_openai_sdk(server):
                  tool_choice="required", temperature=1.0, max_tokens=100)
     (call,) = done.choices[0].message.tool_calls
     assert call.function.name == "Add" and isinstance(call.function.parsed_arguments, Add)
+    with client.beta.chat.completions.stream(  # the SDK's helper reassembles the stream
+            model=MODEL, messages=MESSAGES, tools=[openai.pydantic_function_tool(Add)],
+            tool_choice="required", temperature=1.0, max_tokens=100) as s:
+        events = [event.type for event in s]
+        final = s.get_final_completion().choices[0]
+    assert "tool_calls.function.arguments.delta" in events and final.finish_reason == "tool_calls"
+    (call,) = final.message.tool_calls
+    assert call.function.name == "Add" and isinstance(call.function.parsed_arguments, Add)
 
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
