@@ -254,6 +254,9 @@ def test_openai_sdk_parse_and_response_format(server):
 
 
 CMPL = {"prompt": "Hello", "max_tokens": 5}
+# a schema as JSON text nested deeper than Python's recursion limit: json.loads raises
+# RecursionError (no ValueError), which once escaped to the engine thread and killed it
+DEEP_TEXT = '{"type": "array", "items": ' * 5000 + '{"type": "integer"}' + "}" * 5000
 
 
 @pytest.mark.parametrize("extra,param", [
@@ -287,6 +290,8 @@ def test_bad_requests_name_the_field(client, extra, param):
     ({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"$ref": "#/no"}}}}},
      "structured_outputs"),
     ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_json": DEEP_TEXT}, "guided_json"),
+    ({"structured_outputs": {"json": DEEP_TEXT}}, "structured_outputs"),
     ({"guided_regex": "("}, "guided_regex"),
     ({"structured_outputs": {"regex": "[z-a]"}}, "structured_outputs"),
     ({"guided_grammar": "root ::= "}, "guided_grammar"),
@@ -294,8 +299,8 @@ def test_bad_requests_name_the_field(client, extra, param):
     ({"guided_grammar": "start ::= \"a\""}, "guided_grammar"),  # no root rule
 ])
 def test_constraints_the_engine_cannot_compile(client, extra, param):
-    """Rejected when the engine takes the request (before any compute): a 400 naming the field
-    the client sent, streamed or not, and the server keeps answering."""
+    """Rejected before any compute (most when the engine compiles them): a 400 naming the
+    field the client sent, streamed or not, and the server keeps answering."""
     for stream in (False, True):
         err = assert_error(client.post("/v1/completions", json={**CMPL, **extra,
                                                                 "stream": stream}), param)
