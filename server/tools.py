@@ -185,7 +185,6 @@ class ToolCalls:
         return {"tool_calls": [call]}
 
 
-
 def calls_text(calls: list[ToolCall]) -> str:
     """An assistant message's earlier tool calls as the text of its turn, for chat templates
     that render only content (SmolLM2's): one {"name", "arguments"} object per line, the shape
