@@ -49,7 +49,11 @@ class StructuredOutputs:
         """A fresh matcher for spec; ParamError("structured_outputs") if spec is invalid or
         something the backend cannot express."""
         import xgrammar as xgr
-        return xgr.GrammarMatcher(self._compiled(spec))
+        try:
+            return xgr.GrammarMatcher(self._compiled(spec))
+        except RecursionError:  # a schema nested past Python's limit (json, jsonschema)
+            raise ParamError("structured_outputs", "structured_outputs: the constraint nests "
+                                                   "too deeply") from None
 
     def _compiled(self, spec: StructuredOutputsParams):
         key = _key(spec)

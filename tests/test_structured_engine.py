@@ -138,3 +138,14 @@ def test_the_cpu_bitmask_kernel_equals_xgrammars():
         xgr.apply_token_bitmask_inplace(ref, bitmask, vocab_size=vocab, indices=rows)
         assert torch.equal(logits, ref)
         assert (logits == float("-inf")).any()
+
+
+def test_a_schema_nested_past_the_recursion_limit_is_a_param_error(llm):
+    deep = {"type": "object"}
+    for _ in range(5000):
+        deep = {"type": "array", "items": deep}
+    for spec in (SO(json=deep), SO(json='{"a":' * 5000 + "1" + "}" * 5000)):
+        with pytest.raises(ParamError) as e:
+            llm.engine.add_request("deep", [1, 2, 3], SamplingParams(structured_outputs=spec))
+        assert e.value.param == "structured_outputs"
+    assert not llm.engine.has_unfinished_requests()
