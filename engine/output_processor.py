@@ -18,7 +18,8 @@ class OutputProcessor:
                top: tuple[int, list[int], list[float]] | None = None) -> FinishReason | None:
         """Add one sampled token to seq; returns the finish reason if seq is done.
         `top` = (rank of token, top ids, their logprobs) when the request asked for logprobs."""
-        self.append_token(seq, token, logprob, top)
+        if not self.append_token(seq, token, logprob, top):
+            return FinishReason.ABORT  # its grammar had no way on (StructuredOutputs.apply)
         p = seq.params
         if seq.grammar is not None and seq.grammar.is_terminated():
             return FinishReason.STOP  # the grammar took its end (EOS, even with ignore_eos)
@@ -37,14 +38,14 @@ class OutputProcessor:
         return self.stop.length_reason(seq)
 
     def append_token(self, seq: Sequence, token: int, logprob: float,
-                     top: tuple[int, list[int], list[float]] | None = None) -> None:
-        """Only the token, its log-probability and its logprobs entry (beam search)."""
+                     top: tuple[int, list[int], list[float]] | None = None) -> bool:
+        """Only the token, its log-probability and its logprobs entry (beam search); False
+        if the sequence's grammar refused the token."""
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
-        if seq.grammar is not None and not seq.grammar.accept_token(token):
-            raise RuntimeError(f"token {token} was masked by {seq}'s grammar yet chosen")
         if seq.logprobs is not None:
             seq.logprobs.append(self.entry(token, logprob, top))
+        return seq.grammar is None or seq.grammar.accept_token(token)
 
     def entry(self, token: int, logprob: float,
               top: tuple[int, list[int], list[float]] | None) -> dict[int, Logprob]:

@@ -72,6 +72,12 @@ class StructuredOutputs:
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip()) or type(e).__name__
             raise ParamError("structured_outputs", f"structured_outputs: the {spec.kind} "
                                                    f"constraint cannot be used: {reason}") from None
+        import xgrammar as xgr
+        probe = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(probe, 0)
+        if not probe.any():  # an empty language: no token, not even the end, may come first
+            raise ParamError("structured_outputs", f"structured_outputs: the {spec.kind} "
+                                                   f"constraint allows no output at all")
         self.num_compiles += 1
         logger.debug("compiled a %s constraint in %.1f ms", spec.kind,
                      (time.perf_counter() - t0) * 1e3)
@@ -98,6 +104,7 @@ class StructuredOutputs:
 
     # ---------------------------------------------------------------- one step
 
+    @torch.inference_mode()  # the runner's logits are inference tensors
     def apply(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Mask, in place, the logits rows of constrained sequences to what their grammar
         allows next. logits: [len(seqs), V] float32, row i is seqs[i]'s."""
@@ -110,6 +117,10 @@ class StructuredOutputs:
         bitmask = self._bitmask[:len(seqs)]
         for i in rows:
             seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
+        # a grammar can reach a state no token leads on from (e.g. a length the tokenizer
+        # cannot spell): such a row keeps only EOS, and the output processor ends it when
+        # the grammar refuses that (finish_reason "abort")
+        stuck = [i for i, ok in zip(rows, bitmask[rows].ne(0).any(dim=1).tolist()) if not ok]
         if logits.device.type == "cpu" and logits.dtype == torch.float32 \
                 and logits.is_contiguous() and cpu_kernels.available():
             # kvserve's own pass on its thread pool: xgrammar's CPU kernel took ~1.6 ms for 16
@@ -118,6 +129,8 @@ class StructuredOutputs:
         else:
             xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size,
                                             indices=rows)
+        for i in stuck:
+            logits[i, self.eos_token_ids] = 0.0
 
 
 def _key(spec: StructuredOutputsParams) -> tuple:
@@ -159,15 +172,62 @@ def _compile(compiler, spec: StructuredOutputsParams):
     return compiler.compile_grammar(f"root ::= {alternatives}")
 
 
+# JSON-schema keywords xgrammar 0.2.9 compiles without enforcing (measured: outputs break
+# them), refused instead of silently weakened. `allOf` is taken with one member only.
+UNSUPPORTED_KEYWORDS = frozenset({
+    "not", "oneOf", "if", "then", "else", "contains", "minContains", "maxContains",
+    "uniqueItems", "multipleOf", "minProperties", "maxProperties", "propertyNames",
+    "dependentRequired", "dependentSchemas", "dependencies", "unevaluatedProperties",
+    "unevaluatedItems"})
+
+
 def _check_schema(schema: dict) -> None:
-    """A schema that is not a valid JSON schema is refused by name (xgrammar would accept
-    some of them and constrain to something else)."""
+    """A schema that is not a valid JSON schema, or uses what the backend would ignore, is
+    refused by name rather than compiled into something weaker."""
     try:
         import jsonschema
     except ImportError:  # the compiler's own checks still apply
-        return
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.exceptions.SchemaError as e:
-        raise ParamError("structured_outputs",
-                         f"structured_outputs: not a valid JSON schema: {e.message}") from None
+        jsonschema = None
+    if jsonschema is not None:
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.exceptions.SchemaError as e:
+            raise ParamError("structured_outputs", f"structured_outputs: not a valid JSON "
+                                                   f"schema: {e.message}") from None
+    for node in _subschemas(schema):
+        bad = sorted(UNSUPPORTED_KEYWORDS & node.keys())
+        if len(node.get("allOf", ())) > 1:
+            bad.append("allOf with more than one member")
+        if bad:
+            raise ParamError("structured_outputs", f"structured_outputs: the JSON schema uses "
+                                                   f"{', '.join(bad)}, which kvserve's grammar "
+                                                   f"backend cannot enforce")
+        required, props = node.get("required", ()), node.get("properties", {})
+        if node.get("additionalProperties") is False:
+            missing = [name for name in required if name not in props]
+            if missing:
+                raise ParamError("structured_outputs", f"structured_outputs: required "
+                                                       f"{missing} are not in properties and "
+                                                       f"additionalProperties is false: no "
+                                                       f"object can satisfy it")
+
+
+def _subschemas(schema):
+    """Every schema object in a JSON schema, walked by structure (a property named "not" is
+    a name, not a keyword)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node
+        for key in ("properties", "patternProperties", "$defs", "definitions",
+                    "dependentSchemas"):
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        for key in ("items", "additionalProperties", "not", "contains", "if", "then", "else",
+                    "propertyNames", "unevaluatedItems", "unevaluatedProperties"):
+            stack.append(node.get(key))
+        for key in ("anyOf", "allOf", "oneOf", "prefixItems", "items"):
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])

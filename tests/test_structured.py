@@ -323,10 +323,6 @@ def test_openapi_documents_the_fields(client):
     assert "schema" in schemas["JsonSchemaSpec"]["properties"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine (reported 13:10 UTC): a constraint that allows "
-                   "no token masks every logit, the sampler picks a masked token anyway and "
-                   "the step raises RuntimeError('token ... was masked ... yet chosen'), which "
-                   "fails every request and stops the engine")
 def test_a_constraint_that_allows_nothing_is_no_engine_fault():
     """A constraint whose language is empty (no token, not even the end, may come first): a
     400 or a finished output, and the engine keeps serving. Its own server: the failure it
@@ -357,9 +353,6 @@ IGNORED_KEYWORDS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="engine (reported): xgrammar ignores these "
-                   "keywords and the schema is compiled anyway, so outputs do not validate; "
-                   "the issue asks for a 400 for what the backend cannot express")
 @pytest.mark.parametrize("name", list(IGNORED_KEYWORDS))
 def test_a_schema_keyword_the_backend_ignores_is_refused(client, name):
     schema = IGNORED_KEYWORDS[name]

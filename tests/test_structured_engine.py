@@ -149,3 +149,15 @@ def test_a_schema_nested_past_the_recursion_limit_is_a_param_error(llm):
             llm.engine.add_request("deep", [1, 2, 3], SamplingParams(structured_outputs=spec))
         assert e.value.param == "structured_outputs"
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_an_empty_language_is_refused_and_a_dead_end_ends_the_output(llm, prompt):
+    for spec in (SO(regex="[^\\s\\S]"), SO(grammar="root ::= root")):
+        with pytest.raises(ParamError, match="allows no output"):
+            llm.engine.add_request("empty", [1, 2, 3], SamplingParams(structured_outputs=spec))
+    # a string that no text matches: the grammar opens the quote, then has no way on
+    dead = SO(json={"type": "string", "pattern": "[^\\s\\S]"})
+    out = texts(llm, prompt, temperature=1.0, max_tokens=20, ignore_eos=True,
+                structured_outputs=dead)[0]
+    assert out.finish_reason == "abort" and out.text == '"'
+    assert texts(llm, prompt, temperature=0, max_tokens=3)[0].finish_reason == "length"
