@@ -64,11 +64,14 @@ class Tokenizer:
                 "vocab_size": self.vocab_size, "added_tokens_decoder": added,
                 "clean_up_tokenization_spaces": bool(hf.clean_up_tokenization_spaces)}
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """tools: OpenAI-style function definitions, for templates that render them (others
+        ignore them)."""
         if not self.hf.chat_template:
             raise ValueError("this model has no chat template; use generate() with plain text")
         ids = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                          tokenize=True)
+                                          tokenize=True, tools=tools)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

@@ -69,10 +69,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     state.check_model(body.model)
     state.need_tokenizer()
-    body.tool_calls()  # a tool_choice that can't be served: 400 before any work
+    calls = body.tool_calls()  # a tool_choice that can't be served: 400 before any work
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    ids = state.chat_ids(body.messages, body.add_generation_prompt)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if calls else None
+    ids = state.chat_ids(body.messages, body.add_generation_prompt, tools)
     if body.max_completion_tokens is None:
         max_tokens = fit_max_tokens(len(ids), body.max_tokens, state.max_model_len)
     else:

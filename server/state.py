@@ -56,12 +56,14 @@ class ServerState:
             return [tokenizer.encode(p) for p in prompt]
         return [list(p) for p in prompt]
 
-    def chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
-        """Chat messages through the model's template, as token ids."""
+    def chat_ids(self, messages, add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and the tools a call may use, where the template shows them to
+        the model) through the model's template, as token ids."""
         tokenizer = self.need_tokenizer()
         try:
             conv = [{"role": m.role, "content": m.text()} for m in messages]
-            return tokenizer.apply_chat_template(conv, add_generation_prompt)
+            return tokenizer.apply_chat_template(conv, add_generation_prompt, tools)
         except ValueError as e:  # a content part we don't take, or no template
             raise api_error(e, "messages") from None
         except Exception as e:  # a template that rejects the conversation (e.g. roles)

@@ -161,3 +161,18 @@ def test_an_empty_language_is_refused_and_a_dead_end_ends_the_output(llm, prompt
                 structured_outputs=dead)[0]
     assert out.finish_reason == "abort" and out.text == '"'
     assert texts(llm, prompt, temperature=0, max_tokens=3)[0].finish_reason == "length"
+
+
+def test_a_template_that_renders_tools_gets_them(llm):
+    import copy
+
+    from engine.tokenizer import Tokenizer
+    hf = copy.deepcopy(llm.get_tokenizer().hf)
+    hf.chat_template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                        "{% for m in messages %}{{ m.content }}{% endfor %}")
+    tok = Tokenizer(hf)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    with_tools = tok.decode(tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                    tools=tools))
+    assert "[tool get_weather]" in with_tools and with_tools.endswith("hi")
+    assert "[tool" not in tok.decode(tok.apply_chat_template([{"role": "user", "content": "hi"}]))
