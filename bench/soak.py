@@ -7,7 +7,8 @@
 `--concurrency` clients (24) loop until `--duration` seconds or `--max-requests` have passed,
 each sending a random request: completions or chat, streamed or not, n 1-3, seeds, stop
 strings, logprobs, temperatures, now and then beam search, scoring (echo + logprobs,
-max_tokens 0, prompt_logprobs) or a malformed body; about 30% of
+max_tokens 0, prompt_logprobs), structured output (a JSON schema, a regex, a choice, JSON
+mode) or a malformed body; about 30% of
 streams are dropped after a few events and some plain requests are abandoned mid-way. One
 more client sends a long prompt (`--long-tokens`) every `--long-every` seconds, so the
 inter-token latency (ITL) of the short streams can be read while a long prompt prefills.
@@ -70,6 +71,18 @@ BAD = [
 BAD_CHAT = [b'{"messages": [{"role": "wizard", "content": "x"}]}', b'{"messages": "hello"}',
             b'{"messages": [{"role": "user"}], "max_tokens": 0}']
 
+
+# structured output: a schema, a regex, a choice, JSON mode (server/structured.py's fields)
+CONSTRAINTS = [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                         "n": {"type": "integer", "minimum": 0}},
+        "required": ["name", "n"]}}}},
+    {"guided_regex": "[0-9]{3}-[a-z]{2,5}"},
+    {"guided_choice": ["red", "green", "blue"]},
+    {"response_format": {"type": "json_object"}},
+]
+CONSTRAINT_FIELDS = {"response_format", "guided_regex", "guided_choice"}
 
 @dataclass
 class Record:
@@ -151,6 +164,8 @@ class Soak:
             body["prompt_logprobs"] = r.randint(0, 3)
         if r.random() < 0.2:
             body["ignore_eos"] = True
+        if not body.get("echo") and r.random() < 0.1:  # structured output, now and then
+            body.update(r.choice(CONSTRAINTS))
         if stream:
             body["stream"] = True
         path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -170,7 +185,9 @@ class Soak:
         path, body, stream = self.random_body()
         rec = Record(kind=("stream " if stream else "")
                      + ("chat" if "chat" in path else "completion")
-                     + (" beam" if body.get("use_beam_search") else ""), start=time.monotonic())
+                     + (" beam" if body.get("use_beam_search") else "")
+                     + (" constrained" if set(body) & CONSTRAINT_FIELDS else ""),
+                     start=time.monotonic())
         self.records.append(rec)
         cancel_after = r.randint(1, 6) if stream and r.random() < 0.3 else None
         abandon_after = r.uniform(0.05, 2.0) if not stream and r.random() < 0.1 else None

@@ -22,6 +22,15 @@ def sse_event(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
+# JSON has no -inf: a token a grammar masked (structured output) has log-probability -inf in
+# a top-N list; it goes out as this, the floor vLLM's OpenAI server uses too.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
 class Formatter:
     """Turns RequestOutputs into OpenAI response bodies and stream chunks."""
 
@@ -196,7 +205,7 @@ class Formatter:
         k = self.body.prompt_logprobs or 0
         result = [None]
         for t, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
-            result.append({str(tid): {"logprob": lp.logprob, "rank": lp.rank,
+            result.append({str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank,
                                       "decoded_token": lp.decoded_token}
                            for tid, lp in entry.items()
                            if tid == t or (lp.rank is not None and lp.rank <= k)})
@@ -204,7 +213,7 @@ class Formatter:
 
     def _chat_token(self, token_id: int, lp) -> dict:
         piece = lp.decoded_token or ""
-        return {"token": piece, "logprob": lp.logprob,
+        return {"token": piece, "logprob": _finite(lp.logprob),
                 "bytes": _token_bytes(self.tokenizer, token_id, piece)}
 
     def _decode(self, ids) -> str:
@@ -234,10 +243,10 @@ class Formatter:
             chosen = entry[t]
             piece = chosen.decoded_token or ""
             out["tokens"].append(piece)
-            out["token_logprobs"].append(chosen.logprob)
-            top = {lp.decoded_token or "": lp.logprob for lp in entry.values()
+            out["token_logprobs"].append(_finite(chosen.logprob))
+            top = {lp.decoded_token or "": _finite(lp.logprob) for lp in entry.values()
                    if lp.rank is not None and lp.rank <= k}
-            out["top_logprobs"].append({piece: chosen.logprob, **top})
+            out["top_logprobs"].append({piece: _finite(chosen.logprob), **top})
             out["text_offset"].append(offset)
             offset += len(piece)
         return out

@@ -364,3 +364,16 @@ def test_a_schema_keyword_the_backend_ignores_is_refused(client, name):
     assert r.status_code == 200, r.text
     for c in r.json()["choices"]:
         jsonschema.validate(json.loads(c["text"]), schema)
+
+
+def test_logprobs_of_masked_tokens_are_finite_json(client):
+    """A choice of 3 with 5 top logprobs: the masked tokens in the top 5 have logprob -inf,
+    which JSON cannot carry (it was a 500); they go out as -9999.0, as vLLM sends them."""
+    chat = {"messages": [{"role": "user", "content": "Pick a colour."}], "max_tokens": 5,
+            "guided_choice": ["red", "green", "blue"], "logprobs": True, "top_logprobs": 5}
+    cmpl = {**CMPL, "guided_choice": ["red", "green", "blue"], "logprobs": 5}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", cmpl)):
+        for stream in (False, True):
+            r = client.post(path, json={**body, "stream": stream})
+            assert r.status_code == 200, (path, stream, r.text[:300])
+            assert "-9999.0" in r.text and "Infinity" not in r.text
