@@ -176,3 +176,9 @@ def test_a_template_that_renders_tools_gets_them(llm):
                                                     tools=tools))
     assert "[tool get_weather]" in with_tools and with_tools.endswith("hi")
     assert "[tool" not in tok.decode(tok.apply_chat_template([{"role": "user", "content": "hi"}]))
+
+
+def test_a_stop_string_still_ends_a_constrained_output(llm, prompt):
+    out = texts(llm, prompt, temperature=0, max_tokens=20, stop=["-"],
+                structured_outputs=SO(choice=["abc-def"]))[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == ("abc", "stop", "-")
