@@ -61,3 +61,19 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
             out.append(token)
             x = torch.tensor([[token]])
     return out
+
+
+@pytest.fixture(scope="session")
+def api_server():
+    """`kvserve serve --max-num-seqs 16 --max-model-len 1024` in this process (server_utils'
+    InProcessServer), built once for the API test modules that need nothing of their own
+    (scoring, structured output, tool calls; none reads the server's counters)."""
+    from server_utils import InProcessServer
+    with InProcessServer("--max-num-seqs", "16", "--max-model-len", "1024") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def api_client(api_server):
+    with api_server.client(timeout=120.0) as c:
+        yield c

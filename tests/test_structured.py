@@ -51,15 +51,13 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def server():
-    with InProcessServer("--max-num-seqs", "16", "--max-model-len", "1024") as srv:
-        yield srv
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client(timeout=120.0) as c:
-        yield c
+def client(api_client):
+    return api_client
 
 
 def chat(content: str) -> list[dict]:

@@ -11,7 +11,6 @@ import jsonschema
 import pytest
 
 from clients.sse import iter_sse
-from server_utils import InProcessServer
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -47,15 +46,13 @@ BASE = {"messages": MESSAGES, "tools": TOOLS, "n": 3, "temperature": 1.0, "max_t
 
 
 @pytest.fixture(scope="module")
-def server():
-    with InProcessServer("--max-num-seqs", "16", "--max-model-len", "1024") as srv:
-        yield srv
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    with server.client(timeout=120.0) as c:
-        yield c
+def client(api_client):
+    return api_client
 
 
 def assert_call(call: dict, names: set[str]) -> None:
