@@ -64,7 +64,8 @@ class LLMEngine:
         self.sampler = Sampler(self.stop_rules)
         self.output = OutputProcessor(tokenizer, self.stop_rules)
         self.beam_search = BeamSearch(self.scheduler, self.output)
-        self.structured = StructuredOutputs(tokenizer, config.model.vocab_size, eos)
+        self.structured = StructuredOutputs(tokenizer, config.model.vocab_size,
+                                            self.stop_rules.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "steps": 0}
 
@@ -124,8 +125,7 @@ class LLMEngine:
         grammar = None
         if params.structured_outputs is not None:  # compiled (or refused) before anything runs
             grammar = self.structured.matcher(params.structured_outputs)
-        req = Request(request_id, text, ids, params, arrival_time)
-        req.first.grammar = grammar  # n > 1 children and beams fork it
+        req = Request(request_id, text, ids, params, arrival_time, grammar)
         self.requests[request_id] = req
         self.scheduler.add(req.first)
 

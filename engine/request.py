@@ -12,7 +12,7 @@ class Request:
     Beam search: the live beams, which come and go as the search forks and prunes."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, arrival_time: float | None = None):
+                 params: SamplingParams, arrival_time: float | None = None, grammar=None):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -21,6 +21,7 @@ class Request:
         self._seqs = [Sequence(request_id, i, prompt_token_ids, params, arrival_time)
                       for i in range(width)]
         self.first = self._seqs[0]  # the sequence that computes the prompt
+        self.first.grammar = grammar  # structured output: n > 1 children and beams fork it
         self.beam = BeamSearchState(self.first) if params.use_beam_search else None
         for child in self._seqs[1:]:
             child.status = SequenceStatus.PENDING

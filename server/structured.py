@@ -7,7 +7,6 @@ The engine names every error about a constraint "structured_outputs"; `for_field
 to the field this request actually sent, so the 400 points at what the client wrote."""
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field
@@ -96,24 +95,11 @@ class ConstraintFields(BaseModel):
             return {"json": fmt.json_schema.schema_}
         if field == "structured_outputs":
             so = self.structured_outputs
-            return {"json": _schema(so.json_, field), "regex": so.regex, "choice": so.choice,
+            return {"json": so.json_, "regex": so.regex, "choice": so.choice,
                     "grammar": so.grammar, "json_object": bool(so.json_object)}
-        value = getattr(self, field)
-        return {field.removeprefix("guided_"): _schema(value, field) if field == "guided_json"
-                else value}
-
-
-def _schema(value, field: str):
-    """A JSON schema sent as its text, parsed here: a text that is not JSON, or nests deeper
-    than Python's recursion limit (a RecursionError, no ValueError, that the engine thread
-    would not survive), is a 400 naming the field."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except (ValueError, RecursionError) as e:
-        raise ParamError(field, f"{field}: the JSON schema is not valid JSON: "
-                                f"{str(e)[:200]}") from None
+        # a schema sent as text is parsed by the engine (engine/structured_output.py), which
+        # refuses text that is not JSON or nests too deeply
+        return {field.removeprefix("guided_"): getattr(self, field)}
 
 
 def for_field(e: Exception, field: str | None) -> Exception:

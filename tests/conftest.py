@@ -64,16 +64,17 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def api_server():
+def server():
     """`kvserve serve --max-num-seqs 16 --max-model-len 1024` in this process (server_utils'
     InProcessServer), built once for the API test modules that need nothing of their own
-    (scoring, structured output, tool calls; none reads the server's counters)."""
+    (scoring, structured output, tool calls; none reads the server's counters). A module
+    that needs another server defines its own `server` (and `client`), which wins."""
     from server_utils import InProcessServer
     with InProcessServer("--max-num-seqs", "16", "--max-model-len", "1024") as srv:
         yield srv
 
 
 @pytest.fixture(scope="session")
-def api_client(api_server):
-    with api_server.client(timeout=120.0) as c:
+def client(server):
+    with server.client(timeout=120.0) as c:
         yield c

@@ -19,16 +19,6 @@ from clients.sse import iter_sse
 PROMPT = "Roses are red, violets are blue"
 
 
-@pytest.fixture(scope="module")
-def server(api_server):
-    return api_server
-
-
-@pytest.fixture(scope="module")
-def client(api_client):
-    return api_client
-
-
 @pytest.fixture
 def socket_url(server):
     """The app's base URL on a real socket, for lm-evaluation-harness (it takes a URL)."""

@@ -50,16 +50,6 @@ SCHEMAS = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(api_server):
-    return api_server
-
-
-@pytest.fixture(scope="module")
-def client(api_client):
-    return api_client
-
-
 def chat(content: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 

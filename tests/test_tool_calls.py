@@ -45,16 +45,6 @@ MESSAGES = [{"role": "user", "content": "What's the weather in Paris? Or add 2 a
 BASE = {"messages": MESSAGES, "tools": TOOLS, "n": 3, "temperature": 1.0, "max_tokens": 200}
 
 
-@pytest.fixture(scope="module")
-def server(api_server):
-    return api_server
-
-
-@pytest.fixture(scope="module")
-def client(api_client):
-    return api_client
-
-
 def assert_call(call: dict, names: set[str]) -> None:
     assert call["type"] == "function" and call["id"].startswith("call_"), call
     name = call["function"]["name"]
