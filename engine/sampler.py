@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from engine.sequence import Sequence
 from engine.stop_rules import StopRules
@@ -101,7 +102,6 @@ class _Batch:
     penalised: set[int] = field(default_factory=set)
     logprob_rows: list[int] = field(default_factory=list)
     num_logprobs: int = 0
-    masked: bool = False   # some row's logits are mostly -inf (a grammar's mask)
 
     @property
     def plain_greedy(self) -> bool:
@@ -127,7 +127,6 @@ class _Batch:
             if p.min_tokens and seq.num_output_tokens < p.min_tokens and seq.grammar is None:
                 if banned := sorted(t for t in stop.stop_tokens(p) if t < vocab):
                     b.banned[row] = banned
-            b.masked |= seq.grammar is not None
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
                 b.penalised.add(row)
             if p.logprobs is not None:
@@ -172,28 +171,27 @@ def _sample(logits: torch.Tensor, b: _Batch, seqs: list[Sequence]) -> torch.Tens
         temperature = [b.temperature[i] for i in group]
         if any(t != 1 for t in temperature):
             z.div_(torch.tensor(temperature, device=dev)[:, None])
-        pos = _draw_filtered(z, b.masked and not top_k,
-                             [b.min_p[i] for i in group], [b.top_p[i] for i in group],
+        pos = _draw_filtered(z, [b.min_p[i] for i in group], [b.top_p[i] for i in group],
                              [b.generators[i] for i in group])
         tokens[_ids(group, z)] = pos if ids is None else ids.gather(1, pos[:, None])[:, 0]
     return tokens
 
 
-def _draw_filtered(z: torch.Tensor, masked: bool, min_p: list[float], top_p: list[float],
+CUTOFF = -80.0  # log of the smallest weight p / p_max a draw can pick
+
+
+def _draw_filtered(z: torch.Tensor, min_p: list[float], top_p: list[float],
                    generators: list[torch.Generator | None]) -> torch.Tensor:
     # z: [G, C] tempered logits of the candidates (-inf: not one), overwritten -> positions [G]
     # a tiny temperature or penalty can overflow a logit to inf: keep it the largest finite
     z.nan_to_num_(nan=-math.inf, posinf=torch.finfo(z.dtype).max)
     z.sub_(z.amax(dim=-1, keepdim=True))
-    if masked:
-        # exp on x86 is ~3x slower on -inf (and ~10x on what underflows) than on the rest: with
-        # rows mostly masked by a grammar, tokens below e^-80 of the best get weight 0 without
-        # it (16 x 49152: 4.5 vs 7.1 ms), the same draws (such weights are below float64's
-        # resolution of the cumulative sums). Unmasked rows take plain exp (3.3 vs 4.6 ms).
-        out = z < -80
-        w = z.masked_fill_(out, 0).exp_().masked_fill_(out, 0)                  # p / p_max
-    else:
-        w = z.exp_()
+    # exp on x86 is ~5x slower on -inf and ~10x on what underflows to denormals than on the
+    # rest (16 x 49152: 1.5 ms with most masked by a grammar, 4.4 at a low temperature, 0.3
+    # finite): every weight below e^-80 of the best is 0 instead, by two threshold passes that
+    # keep exp's input finite (0.4 ms in all cases). The draws are the same: such weights are
+    # below float64's resolution of the cumulative sums.
+    w = F.threshold_(F.threshold_(z, CUTOFF, CUTOFF).exp_(), math.exp(CUTOFF) * 1.0001, 0.0)
     if any(min_p):
         w.masked_fill_(w < torch.tensor(min_p, device=w.device)[:, None], 0)
     pos, total = _draw(w, generators)

@@ -47,7 +47,7 @@ _SIGNATURES = {
     "kvs_has_avx512_bf16": ([], ctypes.c_int),
     "kvs_has_vnni": ([], ctypes.c_int),
     "kvs_row_stats": ([_P, _I, _I, _P, _P, _P, ctypes.c_int], ctypes.c_int),
-    "kvs_apply_bitmask": ([_P, _I, _P, _I, _P, _I, ctypes.c_int], ctypes.c_int),
+    "kvs_apply_bitmask": ([_P, _I, _P, _I, _P, _I, _P, ctypes.c_int], ctypes.c_int),
     "kvs_linear": ([ctypes.c_int, _P, _P, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int,
                     ctypes.c_int], ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
@@ -203,15 +203,19 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     return lse, rank
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> list[int]:
     """In place: -inf wherever a listed row's bitmask has a 0 bit (structured output; the
-    layout of xgrammar's token bitmask, int32 [R, ceil(V / 32)]). fp32 contiguous logits."""
+    layout of xgrammar's token bitmask, int32 [R, ceil(V / 32)]). fp32 contiguous logits.
+    Returns how many tokens each listed row keeps."""
     assert logits.dtype == torch.float32 and logits.is_contiguous() and bitmask.is_contiguous()
     assert bitmask.dtype == torch.int32 and bitmask.shape[0] >= logits.shape[0]
+    assert bitmask.shape[1] * 32 >= logits.shape[1]
     idx = torch.tensor(rows, dtype=torch.int64)
+    allowed = torch.empty(len(rows), dtype=torch.int64)
     library().kvs_apply_bitmask(logits.data_ptr(), logits.shape[1], bitmask.data_ptr(),
-                                bitmask.shape[1], idx.data_ptr(), len(rows),
+                                bitmask.shape[1], idx.data_ptr(), len(rows), allowed.data_ptr(),
                                 torch.get_num_threads())
+    return allowed.tolist()
 
 
 def quantize_int8(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

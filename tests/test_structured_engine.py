@@ -134,9 +134,11 @@ def test_the_cpu_bitmask_kernel_equals_xgrammars():
         bitmask = torch.randint(-2**31, 2**31 - 1, (8, (vocab + 31) // 32), dtype=torch.int32,
                                 generator=gen)
         bitmask[1] = -1  # every token allowed
-        cpu.apply_bitmask(logits, bitmask, rows)
+        bitmask[2] = 0   # none (a stuck grammar)
+        allowed = cpu.apply_bitmask(logits, bitmask, rows)
         xgr.apply_token_bitmask_inplace(ref, bitmask, vocab_size=vocab, indices=rows)
         assert torch.equal(logits, ref)
+        assert allowed == [int(ref[r].isfinite().sum()) for r in rows]
         assert (logits == float("-inf")).any()
 
 

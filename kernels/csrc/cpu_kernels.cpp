@@ -1456,24 +1456,40 @@ int kvs_row_stats(const float* x, int64_t rows, int64_t V, const int64_t* target
 }
 
 // Structured output: every token whose bit is 0 in its row's bitmask (xgrammar's layout:
-// token t is bit t % 32 of int32 word t / 32) gets -inf, for the listed rows of x [*, V].
+// token t is bit t % 32 of int32 word t / 32) gets -inf, for the listed rows of x [*, V];
+// allowed[i] gets the number of tokens row rows[i] keeps (0: the grammar is stuck).
 int kvs_apply_bitmask(float* x, int64_t V, const int32_t* bitmask, int64_t words,
-                      const int64_t* rows, int64_t nrows, int nthreads) {
+                      const int64_t* rows, int64_t nrows, int64_t* allowed, int nthreads) {
     std::lock_guard<std::mutex> lock(pool_mutex);
     Pool& p = pool(nthreads);
     parallel_for(p, nrows, [&](int64_t i) {
         const int64_t r = rows[i];
         float* row = x + r * V;
         const uint32_t* bm = reinterpret_cast<const uint32_t*>(bitmask + r * words);
-        for (int64_t w = 0; w < words && w * 32 < V; ++w) {
+        const int64_t full = std::min(words, V / 32);  // words whose 32 tokens all exist
+        int64_t kept = 0;
+        int64_t w = 0;
+#if defined(__AVX512F__)
+        const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+        for (; w < full; ++w) {  // masked stores: one per 16 tokens, whatever the bits
+            const uint32_t off = ~bm[w];
+            kept += 32 - __builtin_popcount(off);
+            if (!off) continue;
+            _mm512_mask_storeu_ps(row + w * 32, (__mmask16)(off & 0xFFFF), neg_inf);
+            _mm512_mask_storeu_ps(row + w * 32 + 16, (__mmask16)(off >> 16), neg_inf);
+        }
+#endif
+        for (; w < words && w * 32 < V; ++w) {
             uint32_t off = ~bm[w];  // the masked tokens of these 32
+            const int64_t n = std::min<int64_t>(32, V - w * 32);
+            if (n < 32) off &= (1u << n) - 1;  // bits past the vocabulary are not tokens
+            kept += n - __builtin_popcount(off);
             while (off) {
-                const int64_t t = w * 32 + __builtin_ctz(off);
-                if (t >= V) break;
-                row[t] = -INFINITY;
+                row[w * 32 + __builtin_ctz(off)] = -INFINITY;
                 off &= off - 1;
             }
         }
+        allowed[i] = kept;
     });
     return 0;
 }
