@@ -27,13 +27,17 @@ class StructuredOutputsParams:
     choice: list[str] | None = None   # one of these strings, exactly
     grammar: str | None = None        # EBNF / GBNF (root rule `root`)
     json_object: bool = False         # any JSON object
+    # xgrammar's structural tag (object or JSON text): free text in which a trigger opens a
+    # tag whose content follows its own format, e.g. a JSON schema (tool calls, "auto")
+    structural_tag: dict | str | None = None
 
     def __post_init__(self):
-        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given = [k for k in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, k) is not None]
         given += ["json_object"] if self.json_object else []
         _check(len(given) == 1, "structured_outputs",
-               f"needs exactly one of json, regex, choice, grammar, json_object; got "
-               f"{given or 'none'}")
+               f"needs exactly one of json, regex, choice, grammar, json_object, "
+               f"structural_tag; got {given or 'none'}")
         _check(self.choice is None or (isinstance(self.choice, list) and self.choice and all(
             isinstance(c, str) and c for c in self.choice)), "structured_outputs",
             "choice must be a non-empty list of non-empty strings")
@@ -43,11 +47,13 @@ class StructuredOutputsParams:
                    f"{name} must be a non-empty string")
         _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs",
                "json must be a JSON schema (an object or its text)")
+        _check(self.structural_tag is None or isinstance(self.structural_tag, (dict, str)),
+               "structured_outputs", "structural_tag must be an object or its JSON text")
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
-                    if getattr(self, k) not in (None, False))
+        return next(k for k in ("json", "regex", "choice", "grammar", "structural_tag",
+                                 "json_object") if getattr(self, k) not in (None, False))
 
 
 @dataclass

@@ -8,6 +8,11 @@ object took ~2 us median (96 us worst) with xgrammar 0.2.9 against ~21 us median
 first call) with llguidance 1.9.1; compiling the schema took 8 ms (0.1 ms from the cache); and
 xgrammar's matchers fork, which n > 1 and beam search need. (Both validated the same output.)
 
+A structural tag (xgrammar's, vLLM's `structural_tag`) is free text in which a trigger string
+opens a tag whose content follows its own format: tool_choice "auto" for a model that writes
+Hermes-style `<tool_call>` blocks constrains each call's arguments to its function's schema
+this way (server/tools.py builds the tag). Its JSON schemas meet the same checks as `json`.
+
 JSON is generated compactly (`", "` and `": "` separators, no free whitespace): a small model
 sampling at temperature 1 would otherwise spend its tokens on blank lines.
 """
@@ -136,7 +141,7 @@ class StructuredOutputs:
 
 def _key(spec: StructuredOutputsParams) -> tuple:
     value = getattr(spec, spec.kind)
-    if spec.kind == "json":  # a schema as an object or as text: the same key
+    if spec.kind in ("json", "structural_tag"):  # an object or its text: the same key
         try:
             value = json.dumps(json.loads(value) if isinstance(value, str) else value,
                                sort_keys=True)
@@ -164,6 +169,21 @@ def _compile(compiler, spec: StructuredOutputsParams):
         return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
     if kind == "json_object":
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+    if kind == "structural_tag":
+        tag = spec.structural_tag
+        if isinstance(tag, str):
+            try:
+                tag = json.loads(tag)
+            except ValueError as e:
+                raise ParamError("structured_outputs", f"structured_outputs: structural_tag is "
+                                                       f"not valid JSON: {e}") from None
+        if not isinstance(tag, dict):
+            raise ParamError("structured_outputs", "structured_outputs: a structural tag must "
+                                                   "be an object")
+        for schema in _tag_schemas(tag):
+            if isinstance(schema, dict):
+                _check_schema(schema)
+        return compiler.compile_structural_tag(json.dumps(tag))
     if kind == "regex":
         return compiler.compile_regex(spec.regex)
     if kind == "grammar":
@@ -211,6 +231,22 @@ def _check_schema(schema: dict) -> None:
                                                        f"{missing} are not in properties and "
                                                        f"additionalProperties is false: no "
                                                        f"object can satisfy it")
+
+
+def _tag_schemas(tag):
+    """The JSON schemas inside a structural tag: its json_schema formats' (and the legacy
+    form's `structures[].schema`)."""
+    stack = [tag]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("type") == "json_schema" and "json_schema" in node:
+                yield node["json_schema"]
+            elif "schema" in node and "begin" in node:
+                yield node["schema"]
+            stack.extend(v for k, v in node.items() if k not in ("json_schema", "schema"))
 
 
 def _subschemas(schema):

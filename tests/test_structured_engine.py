@@ -103,6 +103,14 @@ def test_compilation_is_cached_by_value(llm, prompt):
     (SO(json="{"), "not valid JSON"),
     (SO(regex="("), "regex constraint cannot be used"),
     (SO(grammar="root ::= "), "grammar constraint cannot be used"),
+    (SO(structural_tag="{"), "structural_tag is not valid JSON"),
+    (SO(structural_tag={"type": "structural_tag", "format": {"type": "nonsense"}}),
+     "structural_tag constraint cannot be used"),
+    (SO(structural_tag={"type": "structural_tag", "format": {  # a schema keyword not enforced
+        "type": "triggered_tags", "triggers": ["<a>"], "tags": [{
+            "type": "tag", "begin": "<a>", "end": "</a>",
+            "content": {"type": "json_schema", "json_schema": {"not": {"type": "null"}}}}]}}),
+     "uses not"),
 ])
 def test_bad_constraints_are_refused_before_anything_runs(llm, bad, words):
     engine = llm.engine
@@ -184,3 +192,40 @@ def test_a_stop_string_still_ends_a_constrained_output(llm, prompt):
     out = texts(llm, prompt, temperature=0, max_tokens=20, stop=["-"],
                 structured_outputs=SO(choice=["abc-def"]))[0]
     assert (out.text, out.finish_reason, out.stop_reason) == ("abc", "stop", "-")
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"], "additionalProperties": False}
+CALL_HEAD = '<tool_call>\n{"name": "get_weather", "arguments": '
+
+
+def call_tag(at_least_one: bool) -> dict:
+    """A Hermes-style tool call as a structural tag: free text, and after `<tool_call>` a
+    call whose arguments follow CITY (as server/tools.py builds it for tool_choice auto)."""
+    return {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<tool_call>"], "at_least_one": at_least_one,
+        "tags": [{"type": "tag", "begin": CALL_HEAD, "end": "}\n</tool_call>",
+                  "content": {"type": "json_schema", "json_schema": CITY}}]}}
+
+
+def test_a_structural_tag_constrains_what_follows_its_trigger(llm):
+    """at_least_one makes SmolLM2 open a call at once; whatever it samples after the trigger
+    is a call whose arguments validate, closed by the end tag; text may follow it."""
+    prompt = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "What is the weather in Paris?"}], True)
+    before = llm.engine.structured.num_compiles
+    outs = texts(llm, prompt, n=2, temperature=1.0, seed=1, max_tokens=56,
+                 structured_outputs=SO(structural_tag=call_tag(True)))
+    for out in outs:
+        assert out.text.startswith(CALL_HEAD), out.text
+        call, end = json.JSONDecoder().raw_decode(out.text, out.text.index("{"))
+        assert call["name"] == "get_weather", out.text
+        jsonschema.validate(call["arguments"], CITY)
+        assert out.text[end:].startswith("\n</tool_call>"), out.text
+    # as text (the same value): no new compile; without at_least_one the model answers in
+    # prose, which the tag leaves free
+    free = texts(llm, prompt, temperature=0, max_tokens=12)[0].text
+    tagged = texts(llm, prompt, temperature=0, max_tokens=12,
+                   structured_outputs=SO(structural_tag=json.dumps(call_tag(False))))[0].text
+    assert tagged == free and "<tool_call>" not in free
+    assert llm.engine.structured.num_compiles == before + 2
