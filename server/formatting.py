@@ -63,7 +63,7 @@ class Formatter:
 
     def start_chunks(self):
         if self.chat:
-            content = None if self.tools else ""
+            content = self.tools.first_content if self.tools else ""
             yield self._chunk([{"index": j, "delta": {"role": "assistant", "content": content},
                                 "logprobs": None, "finish_reason": None}
                                for j in range(self.n)])
@@ -96,7 +96,8 @@ class Formatter:
                 delta = self.tools.delta(index, c.text, bool(c.finish_reason))
                 if delta or c.finish_reason or logprobs:
                     choices.append({"index": index, "delta": delta, "logprobs": logprobs,
-                                    "finish_reason": self.tools.finish_reason(c.finish_reason)})
+                                    "finish_reason": self.tools.finish_reason(index,
+                                                                              c.finish_reason)})
             elif self.chat:
                 choices.append({"index": index, "delta": {"content": text} if text else {},
                                 "logprobs": logprobs, "finish_reason": c.finish_reason})
@@ -135,7 +136,7 @@ class Formatter:
                     message, reason = {"role": "assistant", "content": c.text}, c.finish_reason
                     if self.tools:
                         message = self.tools.message(index, c.text)
-                        reason = self.tools.finish_reason(reason)
+                        reason = self.tools.finish_reason(index, reason)
                     choices.append({"index": index, "message": message, "logprobs": logprobs,
                                     "finish_reason": reason})
                     continue

@@ -69,6 +69,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     state.check_model(body.model)
     state.need_tokenizer()
+    body.use_tool_format(state.tool_format)  # "auto" needs the template's tool-call format
     calls = body.tool_calls()  # a tool_choice that can't be served: 400 before any work
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from engine import SamplingParams
 from engine.errors import ParamError
@@ -18,7 +18,8 @@ from engine.sampling_params import (MAX_ABS_LENGTH_PENALTY, MAX_LOGPROBS, MAX_PE
                                     MIN_TEMPERATURE)
 from server.fields import REQUEST, Text
 from server.structured import ConstraintFields
-from server.tools import Tool, ToolCall, ToolCalls, ToolChoice, calls_text, tool_mode
+from server.tools import (HermesCalls, Tool, ToolCall, ToolCalls, ToolChoice, calls_text,
+                          template_arguments, tool_mode)
 
 MAX_N = 64  # choices per request: more would let one request flood the batch
 
@@ -111,8 +112,32 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None           # a tool's answer: to which call
 
     def text(self) -> str:
+        """The message as a template without tool support renders it: its content (an
+        assistant's earlier calls as text, calls_text)."""
         if self.tool_calls and not self.content:
             return calls_text(self.tool_calls)
+        return self._content()
+
+    def template_message(self, tools_aware: bool) -> dict:
+        """The message for the chat template. tools_aware: a template with a tool-call format
+        gets an assistant's calls and a tool answer's call id as Hugging Face's templates take
+        them, and renders them itself."""
+        if not tools_aware:
+            return {"role": self.role, "content": self.text()}
+        message: dict = {"role": self.role, "content": self._content()}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": template_arguments(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+    def _content(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
@@ -132,18 +157,26 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # accepted: one call per choice (server/tools.py)
+    parallel_tool_calls: bool | None = Field(
+        None, description='with tool_choice "auto": false stops after the first call '
+                          '("required" and named functions make one call per choice)')
     add_generation_prompt: bool = True
+    _tool_format: str | None = PrivateAttr(None)  # the chat template's (server/tools.py)
 
-    def tool_calls(self) -> ToolCalls | None:
+    def use_tool_format(self, tool_format: str | None) -> None:
+        """The model's chat template's tool-call format, which tool_choice "auto" needs."""
+        self._tool_format = tool_format
+
+    def tool_calls(self) -> ToolCalls | HermesCalls | None:
         """How this request calls tools (None: it answers in text); ParamError if it can't."""
-        return tool_mode(self.tools, self.tool_choice)
+        return tool_mode(self.tools, self.tool_choice, self._tool_format,
+                         self.parallel_tool_calls is not False)
 
     def constraint_fields(self) -> list[str]:
         return super().constraint_fields() + (["tools"] if self.tool_calls() else [])
 
     def _params_kwargs(self, field: str) -> dict:
-        return {"json": self.tool_calls().schema()} if field == "tools" else \
+        return self.tool_calls().constraint() if field == "tools" else \
             super()._params_kwargs(field)
 
 

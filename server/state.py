@@ -11,6 +11,7 @@ from fastapi import Request
 from engine.tokenizer import Tokenizer
 from server.async_engine import AsyncEngine
 from server.errors import APIError, api_error
+from server.tools import template_tool_format
 
 
 @dataclass
@@ -56,13 +57,20 @@ class ServerState:
             return [tokenizer.encode(p) for p in prompt]
         return [list(p) for p in prompt]
 
+    @property
+    def tool_format(self) -> str | None:
+        """The tool-call format of the model's chat template, where kvserve reads it
+        (server/tools.py): what tool_choice "auto" needs."""
+        return template_tool_format(self.tokenizer.hf.chat_template) if self.tokenizer else None
+
     def chat_ids(self, messages, add_generation_prompt: bool,
                  tools: list[dict] | None = None) -> list[int]:
         """Chat messages (and the tools a call may use, where the template shows them to
         the model) through the model's template, as token ids."""
         tokenizer = self.need_tokenizer()
         try:
-            conv = [{"role": m.role, "content": m.text()} for m in messages]
+            tools_aware = self.tool_format is not None
+            conv = [m.template_message(tools_aware) for m in messages]
             return tokenizer.apply_chat_template(conv, add_generation_prompt, tools)
         except ValueError as e:  # a content part we don't take, or no template
             raise api_error(e, "messages") from None

@@ -46,6 +46,9 @@ class StructuredOutputs(BaseModel):
     choice: list[Text] | None = Field(None, description="the output is one of these strings")
     grammar: Text | None = Field(None, description="an EBNF/GBNF grammar, root rule `root`")
     json_object: bool | None = Field(None, description="any JSON object")
+    structural_tag: Union[dict[str, Any], Text, None] = Field(
+        None, description="an xgrammar structural tag (an object, or its JSON text): free "
+                          "text in which triggers open tags with constrained content")
 
 
 class ConstraintFields(BaseModel):
@@ -96,7 +99,8 @@ class ConstraintFields(BaseModel):
         if field == "structured_outputs":
             so = self.structured_outputs
             return {"json": so.json_, "regex": so.regex, "choice": so.choice,
-                    "grammar": so.grammar, "json_object": bool(so.json_object)}
+                    "grammar": so.grammar, "json_object": bool(so.json_object),
+                    "structural_tag": so.structural_tag}
         # a schema sent as text is parsed by the engine (engine/structured_output.py), which
         # refuses text that is not JSON or nests too deeply
         return {field.removeprefix("guided_"): getattr(self, field)}

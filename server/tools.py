@@ -9,14 +9,32 @@ The response carries it as message.tool_calls (content null, finish_reason "tool
 and a stream sends it as OpenAI streams tool calls: the call's id and function name first,
 then the arguments in fragments as they are generated.
 
-A conversation that goes on after a call sends the call back (an assistant message with
-tool_calls, content null) and the tool's answer (role "tool"); the call becomes the text of the
-assistant's turn (calls_text), as chat templates without tool support render only content.
+tool_choice "auto" (OpenAI's default when tools are given) lets the model choose between text
+and calls in its own tool-call format, so it needs a chat template that has one kvserve can
+read. One is known: Hermes / Qwen2.5 / Qwen3's, where the model writes, after any text, zero or
+more blocks `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`; a template that
+mentions `<tool_call>` and renders `tools` is taken to use it (template_tool_format). The
+output is free text under an xgrammar structural tag (the engine's `structural_tag`
+constraint): once the model writes `<tool_call>`, the rest of the block must be a call of one
+of the functions with arguments that follow its parameters' schema, then `</tool_call>`
+(with parallel_tool_calls false, nothing but the end may follow the first call). HermesCalls
+reads the output back: the text outside blocks is message.content (null when it is only
+whitespace), each block one entry of message.tool_calls, and finish_reason "tool_calls" when
+there was a call and the model stopped by itself. A block that is not a whole call (cut by
+max_tokens or a stop string) stays text. A stream sends the text as content deltas, holding
+back a tail that may be the start of `<tool_call>` (and text that is only whitespace so far),
+and each call as one delta (index, id, type, name and all its arguments) when its block
+closes. With a template that has no such format (SmolLM2's), "auto" is a 400 that says to use
+"required", a named function or "none", as vLLM answers without a tool parser.
 
-tool_choice "none" answers in text and ignores the tools. "auto" (OpenAI's default when
-tools are given) would need the model to decide between text and a call in its own tool-call
-format, which nothing here parses (SmolLM2's chat template has none): it is a 400 that says
-to use "required" or a named function.
+A conversation that goes on after a call sends the call back (an assistant message with
+tool_calls, content null) and the tool's answer (role "tool"). A template with a tool-call
+format gets them as Hugging Face's templates expect (tool_calls with arguments as an object,
+the tool message with its tool_call_id) and renders them its own way; for templates without
+tool support the call becomes the text of the assistant's turn (calls_text), as they render
+only content.
+
+tool_choice "none" answers in text and ignores the tools.
 """
 from __future__ import annotations
 
@@ -84,24 +102,44 @@ class ToolCall(BaseModel):
 # ---------------------------------------------------------------- the request's side
 
 
-def tool_mode(tools: list[Tool] | None, choice: ToolChoice | None) -> "ToolCalls | None":
-    """How the request calls tools: None for a text answer. Raises ParamError for a
-    tool_choice that cannot be served."""
+HERMES = "hermes"  # the one tool-call format read here (Hermes 2/3, Qwen2.5, Qwen3)
+TRIGGER, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def template_tool_format(chat_template) -> str | None:
+    """The tool-call format a chat template (text, or HF's {name: text}) uses, if kvserve
+    reads it: HERMES for a template that renders `tools` and writes `<tool_call>` blocks."""
+    texts = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    for text in texts:
+        if isinstance(text, str) and TRIGGER in text and re.search(r"\btools\b", text):
+            return HERMES
+    return None
+
+
+def tool_mode(tools: list[Tool] | None, choice: ToolChoice | None,
+              tool_format: str | None = None, parallel: bool = True
+              ) -> "ToolCalls | HermesCalls | None":
+    """How the request calls tools: None for a text answer. tool_format: the chat template's
+    (template_tool_format), which "auto" needs; parallel: parallel_tool_calls. Raises
+    ParamError for a tool_choice that cannot be served."""
     if not tools:
         if choice is None or choice in ("none", "auto"):
             return None
         raise ParamError("tool_choice", "tool_choice needs tools")
     if choice == "none":
         return None
-    if choice is None or choice == "auto":
-        raise ParamError("tool_choice", 'tool_choice "auto" (the default when tools are given) '
-                                        'is not supported: this server does not parse a '
-                                        'model\'s own tool-call format; use "required" or a '
-                                        'named function ({"type": "function", "function": '
-                                        '{"name": ...}}), or "none"')
     functions = {t.function.name: t.function for t in tools}
     if len(functions) != len(tools):
         raise ParamError("tools", "tools: two functions have the same name")
+    if choice is None or choice == "auto":
+        if tool_format != HERMES:
+            raise ParamError("tool_choice", 'tool_choice "auto" (the default when tools are '
+                                            'given) is not supported for this model: its chat '
+                                            'template has no tool-call format kvserve parses '
+                                            '(Hermes/Qwen <tool_call> blocks); use "required", '
+                                            'a named function ({"type": "function", '
+                                            '"function": {"name": ...}}), or "none"')
+        return HermesCalls(list(functions.values()), parallel)
     if choice == "required":
         return ToolCalls(list(functions.values()), named=False)
     if choice.function.name not in functions:
@@ -115,13 +153,19 @@ def _parameters(fn: FunctionDef) -> dict:
 
 
 class ToolCalls:
-    """One request's tool calling: its constraint, and its outputs as tool calls."""
+    """One request's tool calling under "required" or a named function: its constraint, and
+    its outputs as tool calls."""
+    first_content = None  # a stream's first delta: the answer is a call, not text
 
     def __init__(self, functions: list[FunctionDef], named: bool):
         self.functions, self.named = functions, named
         self.ids: dict[int, str] = {}      # choice index -> its call's id
         self.sent_args: dict[int, int] = {}  # choice index -> argument characters sent
         self.opened: set[int] = set()      # choices whose call header (id, name) was sent
+
+    def constraint(self) -> dict:
+        """StructuredOutputsParams' arguments."""
+        return {"json": self.schema()}
 
     def schema(self) -> dict:
         """The JSON schema every output follows."""
@@ -154,7 +198,7 @@ class ToolCalls:
         return self.ids.setdefault(index, f"call_{uuid.uuid4().hex[:24]}")
 
     @staticmethod
-    def finish_reason(reason: str | None) -> str | None:
+    def finish_reason(index: int, reason: str | None) -> str | None:
         return "tool_calls" if reason == "stop" else reason
 
     def message(self, index: int, text: str) -> dict:
@@ -183,6 +227,163 @@ class ToolCalls:
         elif "id" not in call:
             return {}
         return {"tool_calls": [call]}
+
+
+# ---------------------------------------------------------------- "auto": Hermes <tool_call> blocks
+
+# strict=False: a control character inside a string is read (xgrammar's JSON lets one through
+# unescaped); the arguments go out re-encoded, escaped
+_JSON = json.JSONDecoder(strict=False)
+_SPACE = re.compile(r"\s*")
+
+
+def _read_call(text: str, at: int) -> tuple[str, dict, int] | bool | None:
+    """The block whose TRIGGER starts at text[at]: (name, arguments, where it ends) for a
+    whole call, False for a block that cannot be one, None while more text may decide (a
+    block that never parses is decided only at the end of the output, as text)."""
+    start = _SPACE.match(text, at + len(TRIGGER)).end()
+    if start == len(text):
+        return None
+    if text[start] != "{":
+        return False
+    try:
+        obj, end = _JSON.raw_decode(text, start)
+    except ValueError:  # cut short, or not JSON
+        return None
+    close = _SPACE.match(text, end).end()
+    if not text.startswith(CLOSE, close):
+        return None if CLOSE.startswith(text[close:]) else False
+    if not isinstance(obj, dict):
+        return False
+    arguments = obj.get("arguments", {})
+    if not (isinstance(obj.get("name"), str) and isinstance(arguments, dict)):
+        return False
+    return obj["name"], arguments, close + len(CLOSE)
+
+
+def _trigger_tail(text: str, start: int) -> int:
+    """How many characters at the end of text[start:] may begin a TRIGGER."""
+    for k in range(min(len(TRIGGER) - 1, len(text) - start), 0, -1):
+        if text.endswith(TRIGGER[:k]):
+            return k
+    return 0
+
+
+def parse_hermes(text: str, start: int = 0, final: bool = True, max_calls: int | None = None,
+                 calls: int = 0) -> tuple[list, int]:
+    """Reads text[start:] as Hermes output: ([text pieces (str) and calls ((name, arguments)),
+    in order], where the reading stopped). Until `final`, what may still turn out a call (a
+    block not yet closed, a tail that may start TRIGGER) is left unread. After max_calls
+    calls (counting `calls` already read), the rest is text."""
+    items: list = []
+    pos = start
+    while True:
+        done = max_calls is not None and calls >= max_calls
+        at = -1 if done else text.find(TRIGGER, pos)
+        if at < 0:
+            end = len(text) if final or done else len(text) - _trigger_tail(text, pos)
+            if end > pos:
+                items.append(text[pos:end])
+            return items, end
+        if at > pos:
+            items.append(text[pos:at])
+        got = _read_call(text, at)
+        if got is None and not final:
+            return items, at
+        if not got:  # not a call: its trigger is text, and reading goes on after it
+            items.append(TRIGGER)
+            pos = at + len(TRIGGER)
+            continue
+        name, arguments, pos = got
+        items.append((name, arguments))
+        calls += 1
+
+
+def _join_text(items: list) -> str:
+    return "".join(item for item in items if isinstance(item, str))
+
+
+class _Stream:
+    """One choice's progress through a stream."""
+    def __init__(self):
+        self.pos = 0          # output characters read
+        self.calls = 0        # calls sent
+        self.held = ""        # content held back while it is only whitespace
+        self.talking = False  # some content was sent
+
+
+class HermesCalls:
+    """One request's tool calling under "auto" with a Hermes-format template: the structural
+    tag that constrains its outputs, and its outputs as content and tool calls."""
+    first_content = ""  # text or calls: not known yet
+
+    def __init__(self, functions: list[FunctionDef], parallel: bool = True):
+        self.functions, self.parallel = functions, parallel
+        self.max_calls = None if parallel else 1
+        self.ids: dict[tuple[int, int], str] = {}  # (choice, call) -> its id
+        self.num_calls: dict[int, int] = {}         # choice -> calls in its output
+        self.streams: dict[int, _Stream] = {}
+
+    def constraint(self) -> dict:
+        """StructuredOutputsParams' arguments: free text in which each TRIGGER must go on as
+        a whole call of one of the functions."""
+        tags = [{"type": "tag",
+                 "begin": f'{TRIGGER}\n{{"name": {json.dumps(fn.name)}, "arguments": ',
+                 # at most one blank in a row: a small model sampling freely would otherwise
+                 # spend its tokens on whitespace inside the object
+                 "content": {"type": "json_schema", "json_schema": _parameters(fn),
+                             "max_whitespace_cnt": 1},
+                 "end": f"}}\n{CLOSE}"} for fn in self.functions]
+        return {"structural_tag": {"type": "structural_tag", "format": {
+            "type": "triggered_tags", "triggers": [TRIGGER], "tags": tags,
+            "stop_after_first": not self.parallel}}}
+
+    def _call(self, index: int, k: int, name: str, arguments: dict) -> dict:
+        call_id = self.ids.setdefault((index, k), f"call_{uuid.uuid4().hex[:24]}")
+        return {"id": call_id, "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments,
+                                                                   ensure_ascii=False)}}
+
+    def finish_reason(self, index: int, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.num_calls.get(index) else reason
+
+    def message(self, index: int, text: str) -> dict:
+        """The chat message of a finished choice."""
+        items, _ = parse_hermes(text, max_calls=self.max_calls)
+        calls = [self._call(index, k, *item)
+                 for k, item in enumerate(i for i in items if isinstance(i, tuple))]
+        self.num_calls[index] = len(calls)
+        content = _join_text(items)
+        message = {"role": "assistant", "content": content if content.strip() else None}
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+    def delta(self, index: int, text: str, finished: bool) -> dict:
+        """The stream delta of choice `index` whose output is now `text` (all of it so far)."""
+        st = self.streams.setdefault(index, _Stream())
+        items, st.pos = parse_hermes(text, st.pos, finished, self.max_calls, st.calls)
+        delta: dict = {}
+        st.held += _join_text(items)
+        if st.held and (st.talking or st.held.strip()):
+            delta["content"], st.held, st.talking = st.held, "", True
+        for item in items:
+            if isinstance(item, tuple):
+                delta.setdefault("tool_calls", []).append(
+                    {"index": st.calls, **self._call(index, st.calls, *item)})
+                st.calls += 1
+        self.num_calls[index] = st.calls
+        return delta
+
+
+def template_arguments(arguments: str):
+    """A call's arguments (JSON text) as chat templates take them: the object, or the text
+    as it came where it is not a JSON object."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
 
 
 def calls_text(calls: list[ToolCall]) -> str:

@@ -152,6 +152,22 @@ def test_regex(client, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_structural_tag(client, stream):
+    """vLLM's structured_outputs.structural_tag: free text, and whatever follows a trigger
+    is its tag's (here: forced at once, a date between <date> and </date>)."""
+    tag = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": ["<date>"], "at_least_one": True,
+        "stop_after_first": True, "tags": [{
+            "type": "tag", "begin": "<date>", "end": "</date>",
+            "content": {"type": "regex", "pattern": "20[0-9]{2}-[01][0-9]"}}]}}
+    body = {"prompt": "Today's date is", "structured_outputs": {"structural_tag": tag},
+            "n": 2, "temperature": 1.0, "max_tokens": 30}
+    for text, reason in outputs(client, "/v1/completions", body, stream):
+        assert reason == "stop" and re.fullmatch(r"<date>20[0-9]{2}-[01][0-9]</date>", text), \
+            (text, reason)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_choice(client, stream):
     choices = ["yes", "no", "it depends on the weather"]
     for path, body in [
@@ -285,6 +301,9 @@ def test_bad_requests_name_the_field(client, extra, param):
     ({"guided_grammar": "root ::= "}, "guided_grammar"),
     ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs"),
     ({"guided_grammar": "start ::= \"a\""}, "guided_grammar"),  # no root rule
+    ({"structured_outputs": {"structural_tag": {"type": "structural_tag",
+                                                "format": {"type": "nope"}}}},
+     "structured_outputs"),
 ])
 def test_constraints_the_engine_cannot_compile(client, extra, param):
     """Rejected before any compute (most when the engine compiles them): a 400 naming the
@@ -305,7 +324,7 @@ def test_openapi_documents_the_fields(client):
         assert {"response_format", "structured_outputs", "guided_json", "guided_regex",
                 "guided_choice", "guided_grammar"} <= set(props), request
     assert set(schemas["StructuredOutputs"]["properties"]) == {
-        "json", "regex", "choice", "grammar", "json_object"}
+        "json", "regex", "choice", "grammar", "json_object", "structural_tag"}
     assert schemas["ResponseFormat"]["properties"]["type"]["enum"] == [
         "text", "json_object", "json_schema"]
     assert "schema" in schemas["JsonSchemaSpec"]["properties"]

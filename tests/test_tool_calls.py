@@ -2,7 +2,10 @@
 tool_choice "required" or a named function the arguments are generated under the function's
 parameter schema, so every call validates (jsonschema) at temperature 1.0 with n > 1, in the
 response's message.tool_calls and reassembled from OpenAI's streamed tool-call deltas, over
-raw HTTP and through the OpenAI SDK."""
+raw HTTP and through the OpenAI SDK. tool_choice "auto": a 400 on SmolLM2 (no tool-call format
+in its template); on a tiny model with a Hermes-style template of our own (make_tool_model),
+the model's own <tool_call> blocks come back as validated tool_calls; the Hermes parser and
+its stream on fixed strings."""
 from __future__ import annotations
 
 import json
@@ -262,3 +265,310 @@ def test_openapi_documents_tools(client):
     assert set(schemas["FunctionDef"]["properties"]) >= {"name", "description", "parameters"}
     assert "tool_calls" in schemas["AssistantMessage"]["properties"]
     assert "tool_calls" in schemas["ChatMessage"]["properties"]
+
+
+# ---------------------------------------------------------------- tool_choice "auto"
+#
+# SmolLM2's chat template has no tool-call format: "auto" is a 400 there. A model whose
+# template has one (Hermes / Qwen2.5 <tool_call> blocks) is made here: tiny, random, with
+# SmolLM2's tokenizer and a template of our own.
+
+TOOL_TEMPLATE = """\
+{%- set sys = messages[0].content if messages and messages[0].role == 'system' else '' -%}
+{%- if tools -%}
+<|im_start|>system
+{% if sys %}{{ sys }}
+
+{% endif %}Functions you may call, one JSON object each:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+To call one, write <tool_call>
+{"name": "<function name>", "arguments": {<its arguments>}}
+</tool_call><|im_end|>
+{% elif sys -%}
+<|im_start|>system
+{{ sys }}<|im_end|>
+{% endif -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' and loop.first -%}
+{%- elif m.role == 'tool' -%}
+<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% elif m.role == 'assistant' -%}
+<|im_start|>assistant
+{% if m.content %}{{ m.content }}{% endif %}
+{%- for call in m.tool_calls or [] %}
+{%- if not loop.first or m.content %}
+{% endif -%}
+<tool_call>
+{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% else -%}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% endif -%}
+"""
+
+
+def make_tool_model(path) -> None:
+    """A tiny random Llama that always wants to call a tool, saved as an HF directory:
+    SmolLM2's tokenizer with `<tool_call>` and `</tool_call>` added as (non-special) tokens,
+    as Qwen's have them, and TOOL_TEMPLATE. Its residual stream's first dimension is the
+    constant 1 (every embedding has it, no layer writes to it) and the lm_head row of
+    `<tool_call>` reads only that dimension, so `<tool_call>` outscores every other token by
+    far wherever it may come. Which function it calls, and with what arguments, it samples
+    under the constraint like any model."""
+    import torch
+    import transformers
+
+    from engine.loader import resolve_model
+    from engine.tokenizer import load_tokenizer
+    tok = load_tokenizer(resolve_model(None)).hf
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    tok.chat_template = TOOL_TEMPLATE
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = transformers.LlamaForCausalLM(config).eval()
+    trigger = tok.convert_tokens_to_ids("<tool_call>")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[trigger] = 0.0
+        model.lm_head.weight[trigger, 0] = 4.0
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    from server_utils import InProcessServer
+    path = tmp_path_factory.mktemp("tool-model")
+    make_tool_model(path)
+    with InProcessServer("--model", str(path), "--max-model-len", "1024") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_server):
+    with tool_server.client(timeout=120.0) as c:
+        yield c
+
+
+def test_auto_without_a_tool_call_format_is_a_400(client):
+    """SmolLM2's template has no tool-call format kvserve reads: "auto", given or by default,
+    is refused in OpenAI's error shape, naming tool_choice and saying what works instead."""
+    for extra in ({}, {"tool_choice": "auto"}, {"tool_choice": "auto", "stream": True}):
+        r = client.post("/v1/chat/completions", json={**BASE, **extra})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert error["param"] == "tool_choice" and error["type"] == "invalid_request_error"
+        assert "chat template" in error["message"] and '"required"' in error["message"]
+
+
+def test_the_tool_call_format_comes_from_the_template(client):
+    from server.tools import HERMES, template_tool_format
+    smollm2 = client.get("/tokenizer_info").json()["chat_template"]
+    assert smollm2 and template_tool_format(smollm2) is None
+    assert template_tool_format(TOOL_TEMPLATE) == HERMES
+    assert template_tool_format({"default": smollm2, "tool_use": TOOL_TEMPLATE}) == HERMES
+    assert template_tool_format("{{ tools }} <call>") is None  # tools, but no format we read
+    assert template_tool_format(None) is None
+
+
+@pytest.mark.parametrize("read", [whole, streamed], ids=["whole", "stream"])
+def test_auto_calls_a_function_with_valid_arguments(tool_client, read):
+    """The model opens a call itself; the structural tag makes the rest of the block a call
+    of one of the tools whose arguments validate. parallel_tool_calls false: one call."""
+    choices = read(tool_client, {**BASE, "tool_choice": "auto", "parallel_tool_calls": False,
+                                 "n": 4})
+    assert len(choices) == 4
+    for c in choices:
+        assert c["finish_reason"] == "tool_calls", c
+        assert c["message"]["content"] is None, c
+        (call,) = c["message"]["tool_calls"]
+        assert_call(call, set(PARAMETERS))
+    ids = [c["message"]["tool_calls"][0]["id"] for c in choices]
+    assert len(set(ids)) == 4
+
+
+def test_auto_makes_parallel_calls_and_a_cut_call_stays_text(tool_client):
+    """parallel_tool_calls (default true): the model calls again after each call until
+    max_tokens cuts one; the whole calls are tool_calls, the cut one is left as text, and
+    finish_reason says length. Whole and streamed answers agree (greedy)."""
+    body = {**BASE, "temperature": 0, "n": 1, "max_tokens": 120}
+    (c,) = whole(tool_client, body)
+    (s,) = streamed(tool_client, body)
+    assert c["finish_reason"] == s["finish_reason"] == "length", c
+    calls = c["message"]["tool_calls"]
+    assert len(calls) >= 2, c
+    for call in calls:
+        assert_call(call, set(PARAMETERS))
+    assert c["message"]["content"].startswith("<tool_call>"), c  # the cut call
+    assert s["message"]["content"] == c["message"]["content"]
+    assert [x["function"] for x in s["message"]["tool_calls"]] == [x["function"] for x in calls]
+
+
+def test_none_leaves_the_models_call_as_text(tool_client):
+    (c,) = whole(tool_client, {**BASE, "tool_choice": "none", "n": 1, "max_tokens": 3})
+    assert c["message"]["content"] == "<tool_call>" * 3 and c["finish_reason"] == "length"
+    assert c["message"].get("tool_calls") is None
+
+
+def test_earlier_calls_go_through_the_templates_own_format(tool_client):
+    """On a template with a tool-call format, an assistant's tool_calls and the tool's answer
+    reach the template as HF templates take them (arguments as an object) and it renders them
+    its way: <tool_call> blocks and a <tool_response>, not calls_text's lines."""
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}]
+    r = tool_client.post("/tokenize", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    prompt = tool_client.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    call = ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Paris", "unit": "celsius"}}\n</tool_call><|im_end|>\n')
+    answer = "<|im_start|>user\n<tool_response>\nsunny, 21 degrees\n</tool_response><|im_end|>"
+    assert call in prompt and answer in prompt and prompt.index(call) < prompt.index(answer)
+    (c,) = whole(tool_client, {**BASE, "messages": messages, "n": 1,
+                               "parallel_tool_calls": False})
+    assert c["finish_reason"] == "tool_calls", c
+
+
+def test_auto_through_the_openai_sdk(tool_server):
+    import openai
+    from openai import OpenAI
+    client = OpenAI(base_url=tool_server.url + "/v1", api_key="x", max_retries=0,
+                    http_client=tool_server.client(timeout=120.0))
+    model = client.models.list().data[0].id
+    r = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS,
+                                       parallel_tool_calls=False, max_tokens=200)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+    (call,) = r.choices[0].message.tool_calls
+    assert_call(call.model_dump(), set(PARAMETERS))
+    with client.beta.chat.completions.stream(model=model, messages=MESSAGES, tools=TOOLS,
+                                             parallel_tool_calls=False, max_tokens=200) as s:
+        events = [event.type for event in s]
+        final = s.get_final_completion().choices[0]
+    assert "tool_calls.function.arguments.done" in events, events
+    assert final.finish_reason == "tool_calls"
+    (call,) = final.message.tool_calls
+    assert_call(call.model_dump(), set(PARAMETERS))
+    assert openai  # the SDK's own types parsed both
+
+
+# ---------------------------------------------------------------- the Hermes parser
+
+
+def _hermes(parallel: bool = True):
+    from server.protocol import ChatCompletionRequest
+    body = ChatCompletionRequest.model_validate({**BASE, "parallel_tool_calls": parallel})
+    body.use_tool_format("hermes")
+    return body.tool_calls()
+
+
+def _block(name: str, arguments: str) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+W_ARGS = '{"city": "Paris </tool_call>", "unit": "celsius"}'  # an end tag inside a string
+A_ARGS = '{"a": 2, "b": 3}'
+TWO_CALLS = "Let me look.\n" + _block("get_weather", W_ARGS) + "\n" + _block("add", A_ARGS) + "\n"
+
+
+@pytest.mark.parametrize("text,content,calls,reason", [
+    (TWO_CALLS, "Let me look.\n\n\n", [("get_weather", W_ARGS), ("add", A_ARGS)], "tool_calls"),
+    (_block("add", A_ARGS) + "\n ", None, [("add", A_ARGS)], "tool_calls"),  # whitespace: null
+    ("No tools needed < <tool call>", "No tools needed < <tool call>", [], "stop"),
+    # malformed (a trailing comma), not an object, no name, junk before the end tag: text
+    ("A " + _block("add", '{"a": 2,}'), "A " + _block("add", '{"a": 2,}'), [], "stop"),
+    ("<tool_call>[1]</tool_call>", "<tool_call>[1]</tool_call>", [], "stop"),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>',
+     [], "stop"),
+    ('<tool_call>{"name": "now"} x </tool_call>' + _block("now", "{}"),
+     '<tool_call>{"name": "now"} x </tool_call>', [("now", "{}")], "tool_calls"),
+    # a raw control character in a string (xgrammar's JSON allows it): read, sent escaped
+    (_block("get_weather", '{"city": "a\x17b", "unit": "celsius"}'), None,
+     [("get_weather", '{"city": "a\\u0017b", "unit": "celsius"}')], "tool_calls"),
+])
+def test_hermes_output_reads_as_content_and_calls(text, content, calls, reason):
+    tc = _hermes()
+    message = tc.message(0, text)
+    assert message["content"] == content, message
+    got = [(c["function"]["name"], c["function"]["arguments"])
+           for c in message.get("tool_calls", [])]
+    assert got == [(name, json.dumps(json.loads(args))) for name, args in calls]
+    assert all(c["id"].startswith("call_") for c in message.get("tool_calls", []))
+    assert tc.finish_reason(0, "stop") == reason
+
+
+def test_a_call_cut_by_max_tokens_stays_text():
+    cut = TWO_CALLS[:-30]  # the second call, without its end
+    tc = _hermes()
+    message = tc.message(0, cut)
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert message["content"] == "Let me look.\n\n" + cut[cut.rindex("<tool_call>"):]
+    assert tc.finish_reason(0, "length") == "length"
+
+
+def test_without_parallel_calls_the_first_call_is_the_only_one():
+    message = _hermes(parallel=False).message(0, TWO_CALLS)
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+
+
+def _stream(tc, pieces: list[str]) -> tuple[list[dict], str | None, list]:
+    """Feed the output grown piece by piece: (the deltas, the content they add up to, the
+    calls they carry)."""
+    deltas, text = [], ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        deltas.append(tc.delta(0, text, finished=i == len(pieces) - 1))
+    content = "".join(d.get("content", "") for d in deltas) or None
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    return deltas, content, calls
+
+
+def test_a_stream_holds_back_what_may_start_a_call():
+    head = "Hi <tool"
+    rest = TWO_CALLS[len("Let me look.\n<tool_call>\n"):]
+    deltas, content, calls = _stream(_hermes(), [head, "_call>\n", rest])
+    assert deltas[0] == {"content": "Hi "}  # "<tool" waits
+    assert deltas[1] == {}                   # a call has begun: nothing to send yet
+    assert content == "Hi \n\n" and [c["index"] for c in calls] == [0, 1]
+    deltas, content, calls = _stream(_hermes(), [head, "box> is", " here"])
+    assert [d.get("content") for d in deltas] == ["Hi ", "<toolbox> is", " here"]
+    assert not calls
+    deltas, content, _ = _stream(_hermes(), ["\n", " ", "<tool", "_cal"])  # cut: all text
+    assert deltas[:3] == [{}, {}, {}] and deltas[3] == {"content": "\n <tool_cal"}
+
+
+@pytest.mark.parametrize("text", [TWO_CALLS, TWO_CALLS[:-30], "Plain <tool text",
+                                  _block("now", "{}") + " ok",
+                                  "A " + _block("add", '{"a": 2,}') + _block("now", "{}")])
+def test_streamed_content_and_calls_add_up_to_the_whole_answer(text):
+    """Grown one character at a time (every split point), the stream's content deltas add up
+    to the whole message's content and its call deltas to its calls, each call one delta
+    with index, id, type, name and arguments."""
+    want = _hermes().message(0, text)
+    tc = _hermes()
+    _, content, calls = _stream(tc, list(text))
+    assert content == want["content"]
+    assert [c["index"] for c in calls] == list(range(len(calls)))
+    assert [c["function"] for c in calls] == [c["function"] for c in want.get("tool_calls", [])]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert tc.finish_reason(0, "stop") == ("tool_calls" if calls else "stop")
