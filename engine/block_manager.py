@@ -186,6 +186,13 @@ class KVCacheManager:
         self.cache_blocks(seq)
         self.evict_out_of_window(seq)
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past seq's computed tokens (rejected drafts' blocks)."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if len(seq.block_ids) > keep:
+            self.pool.free(seq.block_ids[keep:][::-1])
+            del seq.block_ids[keep:]
+
     def evict_out_of_window(self, seq: Sequence) -> int:
         """Free the blocks no future query of seq can see; returns how many."""
         dead = min(self.num_dead_blocks(seq.num_computed_tokens), len(seq.block_ids))

@@ -15,6 +15,7 @@ from engine.config import EngineConfig, resolve_device, resolve_dtype
 from engine.loader import GGUFFile, hf_config, hf_weights, resolve_model
 from engine.models import CausalLM
 from engine.quant import int4_dtype, quantize_model, resolve_quantization
+from engine.spec_decode import SpeculativeConfig
 from engine.tokenizer import Tokenizer, load_tokenizer
 from kernels import cpu as cpu_kernels
 
@@ -34,10 +35,12 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
           max_model_len: int | None = None, enable_prefix_caching: bool = True,
           attention_backend: str = "auto", load_format: str = "auto",
           kv_cache_memory: int | str | None = None, seed: int = 0,
-          quantization: str | None = None, enforce_eager: bool = False) -> EngineParts:
+          quantization: str | None = None, enforce_eager: bool = False,
+          speculative_config: dict | str | None = None) -> EngineParts:
     """Everything an LLMEngine is made of, from the arguments users give (`LLM(...)`,
     `kvserve serve`): the model found and loaded, the dtype, device, attention backend and
     weight format resolved, the KV pool sized."""
+    speculative = SpeculativeConfig.parse(speculative_config)
     source = resolve_model(model)
     dev = resolve_device(device)
     auto_quant = quantization == "auto"
@@ -110,7 +113,8 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
                           max_model_len=max_model_len,
                           enable_prefix_caching=enable_prefix_caching,
                           attention_backend=attention_backend,
-                          enforce_eager=enforce_eager, quantization=quantization)
+                          enforce_eager=enforce_eager, quantization=quantization,
+                          speculative=speculative)
     logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB", num_blocks,
                 block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20)
     return EngineParts(config, net, load_tokenizer(source), source.name)

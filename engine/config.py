@@ -4,10 +4,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.cpu import cpu_flags
+
+if TYPE_CHECKING:
+    from engine.spec_decode import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
@@ -170,6 +174,7 @@ class EngineConfig:
     attention_backend: str = "torch"  # resolved: "torch" | "cpu" | "triton"
     enforce_eager: bool = False       # no fused decode forward (kernels.cpu.Forward)
     quantization: str | None = None   # "int4": torch int4 linears; "int8": fused-step weights
+    speculative: SpeculativeConfig | None = None  # engine/spec_decode.py; None: off
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",

@@ -15,14 +15,15 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str = "auto",
                  load_format: str = "auto", quantization: str | None = None,
-                 enforce_eager: bool = False, **kwargs):
+                 enforce_eager: bool = False, speculative_config: dict | str | None = None,
+                 **kwargs):
         self.engine = LLMEngine.from_args(
             model=model, dtype=dtype, device=device, block_size=block_size,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
             load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
-            **kwargs)
+            speculative_config=speculative_config, **kwargs)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -11,7 +11,9 @@ OutputProcessor appends them, stops sequences and builds each request's RequestO
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import time
 
 import torch
 
@@ -31,6 +33,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.spec_decode import SpecDecoder
 from engine.stop_rules import StopRules
 from engine.structured_output import StructuredOutputs
 from engine.tokenizer import Tokenizer
@@ -66,6 +69,8 @@ class LLMEngine:
         self.beam_search = BeamSearch(self.scheduler, self.output)
         self.structured = StructuredOutputs(tokenizer, config.model.vocab_size,
                                             self.stop_rules.eos_token_ids)
+        self.spec = None if config.speculative is None else \
+            SpecDecoder(config.speculative, config.max_model_len)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "steps": 0}
 
@@ -94,7 +99,8 @@ class LLMEngine:
                 "kv_blocks_total": pool.num_usable,
                 "prefix_cache_queries": kv.prefix_queries,
                 "prefix_cache_hits": kv.prefix_hits,
-                "prefix_cache_evictions": pool.num_evictions}
+                "prefix_cache_evictions": pool.num_evictions,
+                **(self.spec.stats if self.spec is not None else {})}
 
     def capacity(self, seq_len: int | None = None) -> CapacityPlan:
         """Capacity planning numbers for this engine (what `kvserve info` prints)."""
@@ -144,15 +150,34 @@ class LLMEngine:
     # ---------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)  # drafts, cut by schedule() to what fits
         sched = self.scheduler.schedule()
         if not sched:
             return []
+        decode_only = all(s.num_tokens - s.num_computed_tokens == 1 for s in sched.seqs)
+        t0 = time.perf_counter()
         sampling, logits = self.runner.execute(sched.seqs, sched.num_tokens, sched.copies)
+        elapsed = time.perf_counter() - t0
         seqs, rows = self.scheduler.update(sched, sampling)
         self._count(sched, seqs)
-        if not seqs:
-            return []
-        if len(rows) > len(sampling):  # n > 1 children share their parent's row
+        if seqs:
+            outputs = self._finish_step(seqs, rows, sampling, logits)
+        else:
+            outputs = []
+        if self.spec is not None:
+            self.spec.end_step(self.scheduler.running, sched.total_tokens, elapsed, decode_only)
+        return outputs
+
+    def _finish_step(self, seqs: list[Sequence], rows: list[int], sampling: list[Sequence],
+                     logits: torch.Tensor) -> list[RequestOutput]:
+        width = [1 + len(s.spec_token_ids) for s in sampling]  # logits rows of each
+        if max(width) > 1:  # drafts to verify: a sequence's rows are consecutive
+            first = [0, *itertools.accumulate(width)]
+            idx = [i for r in rows for i in range(first[r], first[r + 1])]
+            seqs = [seq for seq, r in zip(seqs, rows) for _ in range(width[r])]
+            logits = logits[torch.tensor(idx, device=logits.device)]
+        elif len(rows) > len(sampling):  # n > 1 children share their parent's row
             logits = logits[torch.tensor(rows, device=logits.device)]
         self.structured.apply(seqs, logits)  # constrained rows: what their grammar allows
         touched = {seq.request_id: self.requests[seq.request_id] for seq in seqs}
@@ -183,15 +208,38 @@ class LLMEngine:
                                               if seq.num_output_tokens == 0 and seq.index == 0)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        out = self.sampler(logits, seqs)
+        # a sequence with k drafts has k + 1 consecutive rows (offsets 0..k)
+        offsets = None
+        if self.spec is not None:
+            offsets = [0] * len(seqs)
+            for i in range(1, len(seqs)):
+                if seqs[i] is seqs[i - 1]:
+                    offsets[i] = offsets[i - 1] + 1
+        out = self.sampler(logits, seqs, offsets)
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         tops = None
         if out.top_ids is not None:
             tops = (out.ranks.tolist(), out.top_ids.tolist(), out.top_logprobs.tolist())
-        for row, seq in enumerate(seqs):
-            top = None
-            if tops and seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                top = (tops[0][row], tops[1][row][:k], tops[2][row][:k])
-            if reason := self.output.append(seq, tokens[row], logprobs[row], top):
-                self.scheduler.finish(seq, reason)
+        row = 0
+        while row < len(seqs):
+            seq = seqs[row]
+            drafts = seq.spec_token_ids
+            accepted = 0  # the drafts taken: each appended token equal to its draft, in order
+            for j in range(len(drafts) + 1):
+                top = None
+                if tops and seq.params.logprobs is not None:
+                    k = seq.params.logprobs
+                    top = (tops[0][row + j], tops[1][row + j][:k], tops[2][row + j][:k])
+                token = tokens[row + j]
+                if reason := self.output.append(seq, token, logprobs[row + j], top):
+                    self.scheduler.finish(seq, reason)
+                if j == len(drafts) or token != drafts[j]:
+                    break
+                accepted += 1
+                if reason:
+                    break
+            if drafts:
+                self.counters["generation_tokens"] += j  # _count counted one a sequence
+                self.spec.record(seq, len(drafts), accepted)
+                self.scheduler.accept_drafts(seq, accepted)
+            row += len(drafts) + 1

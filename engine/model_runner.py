@@ -77,7 +77,9 @@ class ModelRunner:
     def execute(self, seqs: list[Sequence], num_tokens: list[int],
                 copies: list[tuple[int, int]] = ()) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run one step: copy-on-write block copies, then one forward over the flat batch.
-        Returns the sequences that reached their last token and their logits [N, V]."""
+        Returns the sequences that reached their last token and their logits [N, V]; a
+        sequence with k drafts (seq.spec_token_ids) has k + 1 consecutive rows, the logits
+        after its last token and after each draft."""
         if copies:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
@@ -90,6 +92,12 @@ class ModelRunner:
             return [], None
         last = meta.cu_seqlens_q[1:].long() - 1
         rows = last[torch.from_numpy(sample_rows).to(self.device)]
+        drafts = [len(s.spec_token_ids) for s in sampling]
+        if any(drafts):  # a sequence with k drafts samples at its last k + 1 positions
+            k = torch.tensor(drafts, device=self.device)
+            ends = rows.repeat_interleave(k + 1)
+            starts = torch.cumsum(k + 1, 0).repeat_interleave(k + 1)
+            rows = ends - (starts - 1 - torch.arange(len(ends), device=self.device))
         return sampling, self.logits(hidden[rows])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -150,9 +158,12 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_ids)] = s.block_ids
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
-        ids = [t for s, a, n in zip(seqs, start.tolist(), num_tokens) for t in s.token_ids[a:a + n]]
-        sample_rows = np.nonzero(seq_lens == np.fromiter((s.num_tokens for s in seqs),
-                                                         np.int64, len(seqs)))[0]
+        ids = [t for s, a, n in zip(seqs, start.tolist(), num_tokens)
+               for t in (s.token_ids[a:a + n] if not s.spec_token_ids
+                         else (s.token_ids + s.spec_token_ids)[a:a + n])]
+        ends = np.fromiter((s.num_tokens + len(s.spec_token_ids) for s in seqs), np.int64,
+                           len(seqs))
+        sample_rows = np.nonzero(seq_lens == ends)[0]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev),

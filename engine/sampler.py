@@ -29,9 +29,9 @@ How the draw is made, and why:
     the nucleus distribution exactly; a round accepts with probability >= top_p, and the most
     likely token always passes. (Checking for another round syncs with the host.)
   * Rows with a top_k draw among their topk() candidates (no pass over the vocabulary after it).
-  * A row with a seed draws its uniforms from its own generator (seed + seq.index, made on
-    first use), two per round it takes part in, so its tokens do not depend on the rest of the
-    batch. Unseeded rows share the global RNG.
+  * A row with a seed draws its uniforms from its own generator, seeded by (seed + seq.index,
+    output position), two per round it takes part in, so its tokens depend neither on the rest
+    of the batch nor on how many positions a step samples. Unseeded rows share the global RNG.
 
 (Over 300 lines: the steps above are one batched pass, kept in one file in their order.)
 """
@@ -67,10 +67,14 @@ class Sampler:
         self.stop = stop or StopRules()  # what min_tokens keeps from ending an output
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        # logits: [N, V], row i belongs to seqs[i]
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 offsets: list[int] | None = None) -> SamplerOutput:
+        # logits: [N, V], row i belongs to seqs[i]; offsets[i] = j: row i samples as if the
+        # first j of seqs[i].spec_token_ids had been generated (speculative decoding's
+        # verification rows; engine/spec_decode.py)
         logits = logits.float()
-        b = _Batch.of(seqs, logits.shape[1], self.stop, logits.device)
+        b = _Batch.of(seqs, logits.shape[1], self.stop, logits.device,
+                      offsets or [0] * len(seqs))
         if b.plain_greedy:
             tokens = logits.argmax(dim=-1)
         else:
@@ -99,6 +103,7 @@ class _Batch:
     min_p: list[float] = field(default_factory=list)
     generators: list[torch.Generator | None] = field(default_factory=list)
     banned: dict[int, list[int]] = field(default_factory=dict)   # row -> token ids (min_tokens)
+    offsets: list[int] = field(default_factory=list)   # drafts before each row (all rows)
     penalised: set[int] = field(default_factory=set)
     logprob_rows: list[int] = field(default_factory=list)
     num_logprobs: int = 0
@@ -108,11 +113,12 @@ class _Batch:
         return not (self.random_rows or self.banned or self.penalised or self.logprob_rows)
 
     @classmethod
-    def of(cls, seqs: list[Sequence], vocab: int, stop: StopRules,
-           device: torch.device) -> "_Batch":
-        b = cls()
-        for row, seq in enumerate(seqs):
+    def of(cls, seqs: list[Sequence], vocab: int, stop: StopRules, device: torch.device,
+           offsets: list[int]) -> "_Batch":
+        b = cls(offsets=offsets)
+        for row, (seq, off) in enumerate(zip(seqs, offsets)):
             p = seq.params
+            num_out = seq.num_output_tokens + off
             if p.greedy:
                 b.greedy_rows.append(row)
             else:
@@ -121,10 +127,11 @@ class _Batch:
                 b.top_k.append(vocab if p.top_k == -1 else min(p.top_k, vocab))
                 b.top_p.append(p.top_p)
                 b.min_p.append(p.min_p)
-                b.generators.append(None if p.seed is None else _generator(seq, device))
+                b.generators.append(None if p.seed is None else _generator(seq, num_out, off,
+                                                                           device))
             # (a constrained row's grammar decides where it may end: masking EOS there too
             # could leave no token at all)
-            if p.min_tokens and seq.num_output_tokens < p.min_tokens and seq.grammar is None:
+            if p.min_tokens and num_out < p.min_tokens and seq.grammar is None:
                 if banned := sorted(t for t in stop.stop_tokens(p) if t < vocab):
                     b.banned[row] = banned
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty:
@@ -147,7 +154,8 @@ def _rows(logits: torch.Tensor, rows: list[int], b: _Batch, seqs: list[Sequence]
     if banned:
         z[_ids([i for i, _ in banned], z), _ids([t for _, t in banned], z)] = -math.inf
     if penalised:
-        _apply_penalties(z, penalised, [seqs[rows[i]] for i in penalised])
+        _apply_penalties(z, penalised, [seqs[rows[i]] for i in penalised],
+                         [b.offsets[rows[i]] for i in penalised])
     return z
 
 
@@ -262,6 +270,14 @@ class _SeenTokens:
         st.count(seq.token_ids[seq.num_prompt_tokens + st.num_counted:])
         return st
 
+    def with_drafts(self, drafts: list[int]) -> "_SeenTokens":
+        """A copy that also counts `drafts` as output (this one is left as it is)."""
+        st = object.__new__(_SeenTokens)
+        st.owner, st.device, st.num_counted = None, self.device, self.num_counted
+        st.slot, st.ids, st.counts = dict(self.slot), self.ids, self.counts.clone()
+        st.count(drafts)
+        return st
+
     def count(self, tail: list[int]) -> None:
         if not tail:
             return
@@ -275,10 +291,14 @@ class _SeenTokens:
         self.num_counted += len(tail)
 
 
-def _apply_penalties(z: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
-    # z: [G, V], changed in place at the tokens that seqs[j] (row rows[j]) has seen
+def _apply_penalties(z: torch.Tensor, rows: list[int], seqs: list[Sequence],
+                     offsets: list[int]) -> None:
+    # z: [G, V], changed in place at the tokens that seqs[j] (row rows[j]) has seen, with the
+    # first offsets[j] of its drafts counted as output
     dev = z.device
-    states = [_SeenTokens.of(seq, dev) for seq in seqs]
+    seen = [_SeenTokens.of(seq, dev) for seq in seqs]
+    states = [st if not off else st.with_drafts(seq.spec_token_ids[:off])
+              for st, seq, off in zip(seen, seqs, offsets)]
     sizes = torch.tensor([len(st.ids) for st in states], device=dev)
 
     def per_token(values):  # one value per row -> one per seen (row, token)
@@ -313,9 +333,13 @@ def _ids(rows: list[int], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=like.device)
 
 
-def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
-    # One generator per sequence: its draws depend only on its seed and its own steps.
-    if seq.generator is None:
-        seed = (seq.params.seed + seq.index) % 2**64
-        seq.generator = torch.Generator(device).manual_seed(seed)
-    return seq.generator
+def _generator(seq: Sequence, position: int, offset: int,
+               device: torch.device) -> torch.Generator:
+    # A seeded row's draws depend only on its seed, its index among the request's outputs and
+    # the output position it samples: not on the batch, nor on how many tokens a step makes
+    # (speculative decoding verifies several positions of a sequence in one step, a generator
+    # each: offset is the row's among them).
+    while len(seq.generators) <= offset:
+        seq.generators.append(torch.Generator(device))
+    return seq.generators[offset].manual_seed(hash((seq.params.seed + seq.index, position))
+                                              % 2**64)

@@ -83,8 +83,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            want = self._prefill_share(seq.num_computed_tokens,
-                                       min(seq.num_tokens - seq.num_computed_tokens, budget))
+            left = seq.num_tokens - seq.num_computed_tokens
+            if left == 1:  # a decode, with its drafts if it has any (speculative decoding)
+                want = min(1 + len(seq.spec_token_ids), budget)
+            else:
+                want = self._prefill_share(seq.num_computed_tokens, min(left, budget))
             if want == 0:  # a beam waiting for its siblings to catch up: nothing to compute
                 i += 1     # (or a prompt whose share of this step is spent)
                 continue
@@ -96,10 +99,12 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                del seq.spec_token_ids[max(0, n - 1):]  # the drafts that fit
                 self.kv.allocate(seq, n)
                 out.add(seq, n)
                 budget -= n
-                self._spend(seq.num_computed_tokens, n)
+                if left > 1:
+                    self._spend(seq.num_computed_tokens, n)
                 i += 1
         if not out.preempted:  # else no room for newcomers this step
             self._admit(out, budget)
@@ -114,7 +119,8 @@ class Scheduler:
         runner gave a logits row, in row order. Returns the sequences that sample this step
         and the logits row of each (a child shares its parent's)."""
         for seq, n in zip(out.seqs, out.num_tokens):
-            self.kv.advance(seq, n)
+            # a sequence's drafts count as computed once verified (accept_drafts)
+            self.kv.advance(seq, n - len(seq.spec_token_ids))
         if not any(seq.pending_children for seq in sampling):
             return sampling, list(range(len(sampling)))
         seqs, rows = [], []
@@ -127,6 +133,15 @@ class Scheduler:
                 rows.append(row)
             seq.pending_children = []
         return seqs, rows
+
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """After verification: the first num_accepted drafts of seq (now in its token_ids)
+        count as computed; the rest's K/V slots are stale and the blocks past what is
+        computed go back to the pool."""
+        seq.spec_token_ids = []
+        if seq.status is SequenceStatus.RUNNING:
+            self.kv.advance(seq, num_accepted)
+            self.kv.trim(seq)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         # With a sliding window a sequence's blocks are bounded: keep free what the running
@@ -218,6 +233,7 @@ class Scheduler:
         # Recompute: drop the KV, keep the tokens; it re-enters at the head of the queue.
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -233,6 +249,7 @@ class Scheduler:
             child.status = SequenceStatus.FINISHED
             child.finish_reason = reason
         seq.pending_children = []
+        seq.spec_token_ids = []
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

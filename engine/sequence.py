@@ -42,6 +42,9 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_computed_tokens = 0          # tokens whose K/V are in the cache
         self.num_preemptions = 0
+        # speculative decoding: this step's draft tokens (engine/spec_decode.py proposes, the
+        # scheduler cuts them to what fits; they follow token_ids in the forward)
+        self.spec_token_ids: list[int] = []
         self.first_scheduled_time: float | None = None  # time.monotonic() at first admission
         self.pending_children: list[Sequence] = []  # n > 1: forked at this seq's first sample
         # the KV cache manager: the block table (engine/block_manager.py)
@@ -59,7 +62,7 @@ class Sequence:
         # logits by it, the output processor advances it, a fork copies it)
         self.grammar = None
         # the sampler: seeded draws and penalty counts (engine/sampler.py)
-        self.generator: torch.Generator | None = None
+        self.generators: list[torch.Generator] = []   # seeded rows' (one per draft position)
         self.sampler_state: object | None = None
 
     @property

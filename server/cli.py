@@ -35,6 +35,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "linears (torch kernel, eager step)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step as eager torch ops (no fused CPU decode forward)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, '
+                        '"prompt_lookup_max": 4}\' (prompt lookup: drafts copied from the '
+                        'context; lossless, backs off where drafts are rarely accepted)')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -45,7 +50,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 prefill_chunk=args.prefill_chunk,
                 max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                 load_format=args.load_format, quantization=args.quantization,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, speculative_config=args.speculative_config)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

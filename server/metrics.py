@@ -78,6 +78,15 @@ class Metrics:
         self.prefix_queries = counter("prefix_cache_queries",
                                       "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        # speculative decoding (vLLM's names): drafts are sequences given draft tokens in a
+        # step; per position, how often the i-th draft token was accepted
+        self.spec_drafts = counter("spec_decode_num_drafts", "Sequences given draft tokens.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_accepted_per_pos = Counter(
+            "kvserve:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft (0-based).",
+            labels + ["position"], registry=r)
         self.success = Counter("kvserve:request_success", "Finished requests by finish reason.",
                                labels + ["finished_reason"], registry=r)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", LATENCY)
@@ -136,11 +145,22 @@ class Metrics:
                              (self.generation_tokens, "generation_tokens"),
                              (self.preemptions, "num_preemptions"),
                              (self.prefix_queries, "prefix_cache_queries"),
-                             (self.prefix_hits, "prefix_cache_hits")):
+                             (self.prefix_hits, "prefix_cache_hits"),
+                             (self.spec_drafts, "spec_decode_num_drafts"),
+                             (self.spec_draft_tokens, "spec_decode_num_draft_tokens"),
+                             (self.spec_accepted, "spec_decode_num_accepted_tokens")):
+            if key not in stats:  # speculative decoding off
+                continue
             delta = stats[key] - self._last.get(key, 0)
             if delta > 0:
                 counter.inc(delta)
             self._last[key] = stats[key]
+        for pos, n in enumerate(stats.get("spec_decode_num_accepted_tokens_per_pos", ())):
+            key = f"spec_pos_{pos}"
+            if n > self._last.get(key, 0):
+                self.spec_accepted_per_pos.labels(position=str(pos), **self.labels).inc(
+                    n - self._last.get(key, 0))
+            self._last[key] = n
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

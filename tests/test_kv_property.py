@@ -1,7 +1,8 @@
 """Random workloads on tiny KV pools: the scheduler and KV cache manager driven as the engine
 drives them (fake sampler, no model), checked after every step against a shadow of what each
 KV slot holds.  Covers prefix caching, sliding windows, n > 1 forks with copy-on-write,
-chunked prefill, preemption and aborts in every state."""
+chunked prefill, preemption, aborts in every state and speculative decoding's drafts (written,
+then kept or rolled back)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class Config:
     budget: int
     max_num_seqs: int
     watermark: float
+    spec: int = 0  # drafts proposed per decode (speculative decoding), at most
 
     @property
     def capacity(self) -> int:
@@ -133,8 +135,30 @@ class Sim:
 
     # ------------------------------------------------------------ one engine step
 
+    def draft_identity(self, seq: Sequence, p: int) -> int:
+        """The identity of position p of seq's tokens followed by its drafts."""
+        if p < seq.num_tokens:
+            return self.identity(seq, p)
+        return hash((self.draft_identity(seq, p - 1), seq.spec_token_ids[p - seq.num_tokens]))
+
+    def propose(self) -> None:
+        """Drafts as SpecDecoder.propose sets them (within max_tokens and max_model_len): a
+        deterministic mix of right tokens (the ones that will be sampled) and a wrong one."""
+        for seq in self.sched.running:
+            if seq.num_tokens - seq.num_computed_tokens != 1 or seq.pending_children:
+                continue
+            k = min((seq.seq_id + self.num_steps) % (self.cfg.spec + 1),
+                    seq.params.max_tokens - seq.num_output_tokens - 1,
+                    self.cfg.max_model_len - seq.num_tokens - 1)
+            right = (7 * seq.seq_id + self.num_steps) % (k + 1) if k > 0 else 0
+            out = seq.num_output_tokens
+            seq.spec_token_ids = [fake_token(seq, out + i) for i in range(right)] + \
+                [fake_token(seq, out + i) % VOCAB + 1 for i in range(right, max(k, 0))]
+
     def step(self) -> None:
         cfg, kv, pool, bs = self.cfg, self.kv, self.pool, self.cfg.block_size
+        if cfg.spec:
+            self.propose()
         running_before = list(self.sched.running)
         waiting_before = list(self.sched.waiting)
         cached_before, evictions_before = set(pool.cached_free), pool.num_evictions
@@ -162,7 +186,10 @@ class Sim:
         for seq, n in zip(out.seqs, out.num_tokens):
             nc = seq.num_computed_tokens
             assert n > 0 and seq.status is SequenceStatus.RUNNING
-            assert nc + n <= seq.num_tokens
+            assert nc + n <= seq.num_tokens + len(seq.spec_token_ids)
+            assert not seq.spec_token_ids or nc + n == seq.num_tokens + len(seq.spec_token_ids)
+            if seq.spec_token_ids:
+                event("drafts")
             if seq not in running_before:  # admitted now: nc counts prefix-cache hits
                 assert seq in waiting_before
                 assert nc % bs == 0 and nc <= seq.num_tokens - 1
@@ -200,7 +227,7 @@ class Sim:
         self.forward(out)
 
         sampling = [seq for seq, n in zip(out.seqs, out.num_tokens)
-                    if seq.num_computed_tokens + n == seq.num_tokens]
+                    if seq.num_computed_tokens + n == seq.num_tokens + len(seq.spec_token_ids)]
         forks = [(seq, child) for seq in sampling for child in seq.pending_children]
         sampled, _ = self.sched.update(out, sampling)  # computed, published, forked
         for b in pool.hash_to_block.values():
@@ -208,11 +235,26 @@ class Sim:
         for parent, child in forks:
             assert child.block_ids == parent.block_ids and child in sampled
             event("fork")
-        for seq in sampled:
-            seq.token_ids.append(fake_token(seq, seq.num_output_tokens))
-            if seq.num_output_tokens >= seq.params.max_tokens \
-                    or seq.num_tokens >= cfg.max_model_len:
-                self.sched.finish(seq, "length")
+        for seq in sampled:  # as LLMEngine._sample: tokens while they equal the drafts
+            drafts, accepted = seq.spec_token_ids, 0
+            for j in range(len(drafts) + 1):
+                token = fake_token(seq, seq.num_output_tokens)
+                seq.token_ids.append(token)
+                done = seq.num_output_tokens >= seq.params.max_tokens \
+                    or seq.num_tokens >= cfg.max_model_len
+                if done:
+                    self.sched.finish(seq, "length")
+                if j == len(drafts) or token != drafts[j] or done:
+                    break
+                accepted += 1
+            if drafts:
+                event("drafts rejected" if accepted < len(drafts) else "drafts all taken")
+                self.sched.accept_drafts(seq, accepted)
+                if not seq.is_finished:
+                    assert len(seq.block_ids) == cdiv(seq.num_computed_tokens, bs), \
+                        f"blocks past the computed tokens: {seq}"
+                    assert seq.num_computed_tokens == seq.num_tokens - 1, \
+                        f"drafts counted wrong: {seq}"
         self.check_pool()
 
     def forward(self, out) -> None:
@@ -230,14 +272,14 @@ class Sim:
                 assert pool.block_hash[b] is None, f"write into published block {b} of {seq}"
                 assert (b, p % bs) not in written, f"two writes into slot {p % bs} of block {b}"
                 written.add((b, p % bs))
-                self.slots.setdefault(b, [None] * bs)[p % bs] = self.identity(seq, p)
+                self.slots.setdefault(b, [None] * bs)[p % bs] = self.draft_identity(seq, p)
         for seq, n in zip(out.seqs, out.num_tokens):
             nc = seq.num_computed_tokens
             lo = 0 if window is None else max(0, nc - window + 1)
             for p in range(lo, nc + n):
                 b = seq.block_ids[p // bs]
                 assert b != NULL_BLOCK and self.slots.get(b, [None] * bs)[p % bs] \
-                    == self.identity(seq, p), f"{seq} reads a wrong K/V at position {p}"
+                    == self.draft_identity(seq, p), f"{seq} reads a wrong K/V at position {p}"
 
     # ------------------------------------------------------------ a whole workload
 
@@ -283,7 +325,7 @@ class Sim:
 
 
 @st.composite
-def configs(draw, window: bool | None = None) -> Config:
+def configs(draw, window: bool | None = None, spec: bool | None = None) -> Config:
     bs = draw(st.integers(1, 4))
     num_blocks = draw(st.integers(6, 24))
     usable = num_blocks - 1
@@ -297,12 +339,15 @@ def configs(draw, window: bool | None = None) -> Config:
                   prefix_caching=draw(st.booleans()),
                   budget=draw(st.integers(1, 8) | st.integers(1, 4 * usable * bs)),
                   max_num_seqs=max_num_seqs,
-                  watermark=draw(st.sampled_from([0.0, 0.1, 0.25])))
+                  watermark=draw(st.sampled_from([0.0, 0.1, 0.25])),
+                  spec=draw(st.integers(1, 4)) if (draw(st.booleans()) if spec is None
+                                                   else spec) else 0)
 
 
 @st.composite
-def workloads(draw, window: bool | None = None) -> tuple[Config, list[Request]]:
-    cfg = draw(configs(window))
+def workloads(draw, window: bool | None = None,
+              spec: bool | None = None) -> tuple[Config, list[Request]]:
+    cfg = draw(configs(window, spec))
     longest = cfg.max_model_len - 1  # LLMEngine._validate_prompt: len < max_model_len
     tokens = st.integers(1, VOCAB)
     short = min(longest, 4 * cfg.block_size)
@@ -361,21 +406,34 @@ def _free_leaks_a_reference_to_shared_blocks(self, ids):
     _free(self, [i for i in ids if self.ref_counts[i] < 2])
 
 
-@pytest.mark.parametrize("target, broken, window, caught", [
-    (BlockPool, ("free", _free_leaks_a_reference_to_shared_blocks), None,
+def _accept_every_draft(self, seq, num_accepted):
+    """Scheduler.accept_drafts, except that rejected drafts count as computed too."""
+    _accept_drafts(self, seq, len(seq.spec_token_ids))
+
+
+_accept_drafts = Scheduler.accept_drafts
+
+
+@pytest.mark.parametrize("target, broken, window, spec, caught", [
+    (BlockPool, ("free", _free_leaks_a_reference_to_shared_blocks), None, None,
      "reference counts differ"),
-    (KVCacheManager, ("evict_out_of_window", lambda self, seq: 0), True,
+    (KVCacheManager, ("evict_out_of_window", lambda self, seq: 0), True, None,
      "window blocks not freed"),
-    (KVCacheManager, ("_cow_index", lambda self, seq: None), None, "write into shared block"),
+    (KVCacheManager, ("_cow_index", lambda self, seq: None), None, None,
+     "write into shared block"),
     (KVCacheManager, ("_key", lambda self, seq, i: tuple(seq.token_ids[  # hashes not chained
-        i * self.block_size:(i + 1) * self.block_size])), None, "reads a wrong K/V"),
+        i * self.block_size:(i + 1) * self.block_size])), None, None, "reads a wrong K/V"),
+    (KVCacheManager, ("trim", lambda self, seq: None), None, True,
+     "blocks past the computed tokens"),
+    (Scheduler, ("accept_drafts", _accept_every_draft), None, True, "drafts counted wrong"),
 ])
-def test_the_checker_catches_a_broken_kv_cache(monkeypatch, target, broken, window, caught):
+def test_the_checker_catches_a_broken_kv_cache(monkeypatch, target, broken, window, spec,
+                                               caught):
     monkeypatch.setattr(target, *broken)
     monkeypatch.setattr(Sim, "check_seats", lambda self: None)  # not what is tested here
     run = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                    phases=[Phase.generate],
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-                   )(given(workloads(window))(check_workload))
+                   )(given(workloads(window, spec))(check_workload))
     with pytest.raises(AssertionError, match=caught):
         run()
