@@ -274,3 +274,37 @@ def test_a_bad_speculative_config_stops_the_server_with_its_reason():
     with pytest.raises(ParamError, match="num_speculative_tokens"):
         InProcessServer("--speculative-config", '{"method": "ngram", '
                                                 '"num_speculative_tokens": 99}')
+
+
+CODE = '''def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for i, x in enumerate(values):
+        total += x
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+'''
+
+
+def test_greedy_equals_plain_decoding_with_the_default_quantized_step():
+    """`kvserve serve`'s default weights (int8/int4 step, int8 activations where VNNI runs
+    them) and 8 drafts: the verification rows must get the numbers a decode gets (the CPU
+    attention scores up to 17 query tokens of a sequence token by token, as a decode), else
+    near ties flip (this prompt's 15th token did, 0.017 apart in logprob)."""
+    kw = dict(quantization="auto", kv_cache_memory="256MiB", max_num_seqs=4)
+    plain = LLM(**kw)
+    spec = LLM(**kw, speculative_config={**ALWAYS, "num_speculative_tokens": 8})
+    p = SamplingParams(temperature=0, max_tokens=48)
+    messages = [[{"role": "user", "content": "Add a docstring to this function. Reply with the "
+                                             "full code.\n\n" + CODE}],
+                [{"role": "user", "content": "Copy the following text exactly:\n\n"
+                                             + PARAGRAPH}]]
+    want = [o.outputs[0].token_ids for o in plain.chat(messages, p, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in spec.chat(messages, p, use_tqdm=False)]
+    assert got == want
+    assert spec.engine.stats["spec_decode_num_accepted_tokens"] > 20

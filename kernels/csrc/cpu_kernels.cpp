@@ -983,6 +983,11 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
 // horizontal sums), each key block is converted once for all rows, and the softmax runs
 // down the lanes. Sequences with few query rows (decode) keep the per-token items above.
 static const int TROWS = 48;          // rows per tile: three vectors
+// Up to this many query tokens a sequence is scored token by token, as a decode is: a
+// speculative verification (1 + at most 16 drafts) then gives each position the same
+// numbers as decoding it alone (the tiles sum in another order, which int8 activation
+// rounding can turn into logits ~0.5 apart, enough to flip a near tie).
+static const int32_t PER_TOKEN_MAX_Q = 17;
 static const int64_t TCHUNK = 512;    // keys per tile item when there are few tiles
 
 struct TItem { int32_t seq, tok0, ntok, lo, hi; int64_t part; };  // part: float offset
@@ -1009,7 +1014,10 @@ static void attn_plan(const AttnArgs& a, int nthreads, AttnPlan& pl) {
     pl.rfirst.assign(a.num_tokens + 1, 0);
 #if defined(__AVX512F__)
     const int64_t ntok_tile = TROWS / G;
-    auto tiled = [&](int64_t s) { return (a.cu_q[s + 1] - a.cu_q[s]) * G >= 16; };
+    auto tiled = [&](int64_t s) {
+        const int32_t nq = a.cu_q[s + 1] - a.cu_q[s];
+        return nq * G >= 16 && nq > PER_TOKEN_MAX_Q;
+    };
     int64_t ntiles = 0;
     for (int64_t s = 0; s < a.num_seqs; ++s)
         if (tiled(s)) ntiles += (a.cu_q[s + 1] - a.cu_q[s] + ntok_tile - 1) / ntok_tile;
