@@ -1,7 +1,7 @@
 """Speculative decoding's worth: tokens/s with n-gram (prompt lookup) speculation against
 plain decoding, the same engine settings, alternating rounds in one run.
 
-    python bench/speculative.py [--rounds 3] [--k 4] [--quick]
+    python bench/speculative.py [--rounds 3] [--k 8] [--quick]
 
 Workloads (default weights, `quantization="auto"` as `kvserve serve` runs them):
   grounded  one stream, outputs that quote their input: a code edit (rename a function), a
@@ -92,7 +92,7 @@ TARGETS = {"grounded": 1.6, "free": 0.97, "batch16": 0.97}
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
     ap.add_argument("--quick", action="store_true", help="1 round (a smoke run)")
     args = ap.parse_args()
     from engine import LLM
