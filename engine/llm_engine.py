@@ -69,8 +69,13 @@ class LLMEngine:
         self.beam_search = BeamSearch(self.scheduler, self.output)
         self.structured = StructuredOutputs(tokenizer, config.model.vocab_size,
                                             self.stop_rules.eos_token_ids)
-        self.spec = None if config.speculative is None else \
-            SpecDecoder(config.speculative, config.max_model_len)
+        self.spec = None
+        if config.speculative is not None:
+            draft = None
+            if config.speculative.method == "draft_model":
+                from engine.draft_model import DraftProposer
+                draft = DraftProposer(config.speculative.model, config)
+            self.spec = SpecDecoder(config.speculative, config.max_model_len, draft)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0,
                          "steps": 0}
 

@@ -35,8 +35,10 @@ decay each step toward the prior (ACCEPT_DECAY), and a sequence given no drafts 
 PROBE_EVERY steps gets one, so a sequence whose drafts stopped (or started) being accepted is
 found out.
 
-Not speculated: beam search and grammar-constrained (structured output) sequences; they
-decode one token a step beside the others.
+Proposers: "ngram" (below) and "draft_model" (engine/draft_model.py: a smaller model of the
+same vocabulary drafts greedily, with its own paged KV). Not speculated: beam search and
+grammar-constrained (structured output) sequences; they decode one token a step beside the
+others.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ import numpy as np
 from engine.errors import ParamError
 from engine.sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 PRIOR_TOKEN_COST = 0.1   # c1 / c0 before the step-time fit has data (a 2-core CPU's is ~0.1)
 COST_DECAY = 0.9         # per step, of the step-time fit's sums
 # per step, of a sequence's acceptance counts above the prior: after rejections the estimate
@@ -64,6 +66,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    model: str | None = None  # draft_model: a smaller model with the target's vocabulary
     adaptive: bool = True    # False: always propose what the lookup finds (tests, benchmarks)
 
     def __post_init__(self):
@@ -76,6 +79,9 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 64:
             raise ParamError("speculative_config", "speculative_config: need 1 <= "
                                                    "prompt_lookup_min <= prompt_lookup_max <= 64")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ParamError("speculative_config", "speculative_config: model (a path) goes "
+                                                   "with method draft_model, and only with it")
 
     @classmethod
     def parse(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
@@ -96,7 +102,7 @@ class SpeculativeConfig:
             raise ParamError("speculative_config", f"speculative_config: unknown keys {unknown}"
                                                    f" (method, num_speculative_tokens, "
                                                    f"prompt_lookup_min, prompt_lookup_max, "
-                                                   f"adaptive)")
+                                                   f"model, adaptive)")
         return cls(**value)
 
 
@@ -141,9 +147,10 @@ class _StepCost:
 class SpecDecoder:
     """Proposes each step's drafts and keeps the acceptance counts (engine metrics read them)."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft=None):
         self.config = config
         self.max_model_len = max_model_len
+        self.draft = draft             # engine/draft_model.py's DraftProposer (draft_model)
         self.cost = _StepCost()
         self.num_drafts = 0            # sequences that were given drafts, summed over steps
         self.num_draft_tokens = 0
@@ -157,6 +164,7 @@ class SpecDecoder:
         cfg = self.config
         decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         theta = self.cost.theta(len(decoding))
+        wants = []
         for seq in decoding:
             seq.spec_token_ids = []
             p = seq.params
@@ -175,9 +183,14 @@ class SpecDecoder:
                 k = min(k, worth if worth > 0 or st[2] < PROBE_EVERY else 1)
             if k <= 0:
                 continue
+            if self.draft is not None:
+                wants.append((seq, k))
+                continue
             tokens = np.asarray(seq.token_ids, dtype=np.int64)
             seq.spec_token_ids = ngram_propose(tokens, k, cfg.prompt_lookup_min,
                                                cfg.prompt_lookup_max)
+        if wants:
+            self.draft.propose(wants)
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         """After verifying seq's `proposed` drafts, of which the first `accepted` were kept."""
@@ -200,6 +213,8 @@ class SpecDecoder:
         if decode_only:
             self.cost.add(tokens, seconds)
         live = {s.seq_id for s in running}
+        if self.draft is not None:
+            self.draft.forget(live)
         for sid in list(self._stats):
             if sid not in live:
                 del self._stats[sid]

@@ -26,7 +26,8 @@ def test_ngram_lookup_takes_the_latest_longest_match():
 
 @pytest.mark.parametrize("bad", [{"method": "eagle"}, {"num_speculative_tokens": 0},
                                  {"prompt_lookup_min": 3, "prompt_lookup_max": 2},
-                                 {"nope": 1}, "not json", "[1]"])
+                                 {"nope": 1}, "not json", "[1]", {"method": "draft_model"},
+                                 {"method": "ngram", "model": "/x"}])
 def test_a_bad_speculative_config_is_a_param_error(bad):
     with pytest.raises(ParamError) as e:
         SpeculativeConfig.parse(bad)
@@ -224,6 +225,50 @@ def test_adaptive_speculation_keeps_the_tokens(tiny_pair):
     assert tokens(adaptive.generate(PROMPTS, p, use_tqdm=False)) == \
         tokens(plain.generate(PROMPTS, p, use_tqdm=False))
     check_pool_empty(adaptive)
+
+
+# ---------------------------------------------------------------- draft model
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral-window"])
+def test_draft_model_speculation_equals_plain_decoding(tmp_path_factory, kind):
+    """A draft model (the target itself: drafts always right; another random model: nearly
+    always wrong) changes no token, greedy or seeded, and leaves both KV pools empty; a
+    small pool preempts on the way."""
+    target = tiny(tmp_path_factory, kind)
+    torch.manual_seed(1)
+    import transformers
+    config_cls, model_cls, extra = ARCHS[kind]
+    other = tmp_path_factory.mktemp(kind + "-draft")
+    getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+        **{**COMMON, **extra, "vocab_size": 32})).save_pretrained(other)
+    kw = dict(model=target, dtype="float32", device="cpu", block_size=4, num_kv_blocks=40,
+              max_num_batched_tokens=64)
+    plain = LLM(**kw)
+    for draft, kept in ((target, 0.9), (str(other), None)):
+        spec = LLM(**kw, speculative_config={"method": "draft_model", "model": draft,
+                                             "num_speculative_tokens": 4, "adaptive": False})
+        for p in (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                  SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)):
+            assert tokens(spec.generate(PROMPTS, p, use_tqdm=False)) == \
+                tokens(plain.generate(PROMPTS, p, use_tqdm=False))
+            if p.temperature == 0:  # greedy drafts of the target itself: all taken
+                stats = spec.engine.stats
+                rate = (stats["spec_decode_num_accepted_tokens"]
+                        / stats["spec_decode_num_draft_tokens"])
+                assert rate > kept if kept else rate < 0.5, rate
+        stats = spec.engine.stats
+        check_pool_empty(spec)
+        assert spec.engine.spec.draft.kv.pool.num_used == 0 and not spec.engine.spec.draft.shadows
+        if kind == "llama":
+            assert stats["num_preemptions"] > 0
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(tmp_path_factory):
+    target, draft = tiny(tmp_path_factory, "llama"), tiny(tmp_path_factory, "llama", 64)
+    with pytest.raises(ParamError, match="tokenizer"):
+        LLM(model=target, dtype="float32", device="cpu", num_kv_blocks=16,
+            speculative_config={"method": "draft_model", "model": draft})
 
 
 # ---------------------------------------------------------------- SmolLM2, over HTTP
