@@ -223,8 +223,8 @@ class ForcingSampler:
         self.inner, self.targets = inner, targets
         self.rows: dict[str, list[torch.Tensor]] = {rid: [] for rid in targets}
 
-    def __call__(self, logits: torch.Tensor, seqs):
-        out = self.inner(logits, seqs)
+    def __call__(self, logits: torch.Tensor, seqs, offsets=None):
+        out = self.inner(logits, seqs, offsets)
         lp = compute_logprobs(logits)
         forced = []
         for i, seq in enumerate(seqs):
