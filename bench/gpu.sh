@@ -12,3 +12,6 @@ fi
 timeout 300 python bench/kernels.py
 # the engine end to end on CUDA (Triton backend, prefix cache, window eviction, forks, sampler)
 timeout 300 python bench/gpu_engine.py 2>&1 | grep -v " INFO "
+# speculative decoding with and without (needs the default GGUF and the gguf package there)
+timeout 240 python bench/speculative.py --quick 2>&1 | grep -v " INFO " \
+  || echo "bench/speculative.py did not run here"

@@ -155,13 +155,13 @@ class LLMEngine:
     # ---------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()  # the step's cost, drafting included (the adaptive fit)
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)  # drafts, cut by schedule() to what fits
         sched = self.scheduler.schedule()
         if not sched:
             return []
         decode_only = all(s.num_tokens - s.num_computed_tokens == 1 for s in sched.seqs)
-        t0 = time.perf_counter()
         sampling, logits = self.runner.execute(sched.seqs, sched.num_tokens, sched.copies)
         elapsed = time.perf_counter() - t0
         seqs, rows = self.scheduler.update(sched, sampling)

@@ -29,8 +29,9 @@ drafts proposed and accepted, an estimate a of the chance a draft is accepted; d
 is worth proposing when a^i, the chance it is reached and kept, exceeds the step's marginal
 cost of a token relative to its cost per sequence, theta = c1 * N / (c0 + c1 * N) for N
 decoding sequences, with the step time modelled as c0 + c1 * tokens (a decayed least-squares
-fit of the engine's own decode steps; PRIOR_TOKEN_COST until it has data). One stream on a
-CPU: theta ~ 0.1, drafts are cheap; 16 streams: theta ~ 0.6, only sure drafts go in. Counts
+fit of the engine's own decode steps, drafting included; PRIOR_TOKEN_COST until it has
+data). One stream on a CPU: theta ~ 0.1, drafts are cheap; 16 streams: theta ~ 0.6, only
+sure drafts go in. Counts
 decay each step toward the prior (ACCEPT_DECAY), and a sequence given no drafts for
 PROBE_EVERY steps gets one, so a sequence whose drafts stopped (or started) being accepted is
 found out.
