@@ -169,8 +169,13 @@ class BeamSearch:
             live.append((beam, mine[0]))
         st.live = []
         for seq, c in live:
-            self.output.append_token(seq, c.token, c.logprob, self._top(st, c.beam, c.token))
-            if reason := self.stop.length_reason(seq):
+            accepted = self.output.append_token(seq, c.token, c.logprob,
+                                                self._top(st, c.beam, c.token))
+            reason = self.stop.length_reason(seq)
+            if seq.grammar is not None and (not accepted or seq.grammar.is_terminated()):
+                # its grammar took its end (EOS kept under ignore_eos) or had no way on
+                reason = FinishReason.STOP if accepted else FinishReason.ABORT
+            if reason:
                 st.finished.append(Hypothesis(seq.output_token_ids, seq.cumulative_logprob,
                                               reason, seq.logprobs))
                 self.scheduler.finish(seq, reason)

@@ -121,7 +121,10 @@ class StructuredOutputs:
             self._bitmask = xgr.allocate_token_bitmask(max(len(seqs), 16), self.vocab_size)
         bitmask = self._bitmask[:len(seqs)]
         for i in rows:
-            seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
+            if seqs[i].grammar.is_terminated():  # nothing may follow: a row of no tokens (a
+                bitmask[i] = 0                   # sequence should have ended; never a crash)
+            else:
+                seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
         if logits.device.type == "cpu" and logits.dtype == torch.float32 \
                 and logits.is_contiguous() and cpu_kernels.available():
             # kvserve's own pass on its thread pool: xgrammar's CPU kernel took ~1.6 ms for 16

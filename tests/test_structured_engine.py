@@ -11,6 +11,7 @@ import pytest
 
 from engine import SamplingParams, StructuredOutputsParams as SO
 from engine.errors import ParamError
+from engine.sequence import Sequence
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 20},
@@ -229,3 +230,29 @@ def test_a_structural_tag_constrains_what_follows_its_trigger(llm):
                    structured_outputs=SO(structural_tag=json.dumps(call_tag(False))))[0].text
     assert tagged == free and "<tool_call>" not in free
     assert llm.engine.structured.num_compiles == before + 2
+
+
+def test_beam_search_with_ignore_eos_ends_where_the_grammar_ends(llm):
+    """ignore_eos makes EOS an ordinary candidate for beams, but a grammar that took EOS has
+    ended: the beam closes there (the soak found the engine crashing on the next mask)."""
+    so = SO(choice=["red", "green", "blue"])
+    out = llm.generate("Pick a color:", SamplingParams(
+        use_beam_search=True, n=2, beam_width=2, temperature=0, max_tokens=10, ignore_eos=True,
+        structured_outputs=so), use_tqdm=False)[0]
+    assert {o.text for o in out.outputs} <= {"red", "green", "blue"}
+    assert all(o.finish_reason == "stop" for o in out.outputs)
+
+
+def test_a_terminated_grammar_row_is_masked_to_eos_not_a_crash(llm):
+    import torch
+    engine = llm.engine
+    seq = Sequence("t", 0, [1, 2], SamplingParams())
+    seq.grammar = engine.structured.matcher(SO(choice=["a"]))
+    tok = llm.get_tokenizer()
+    for t in tok.encode("a", add_special_tokens=False):
+        assert seq.grammar.accept_token(t)
+    eos = min(engine.eos_token_ids)
+    assert seq.grammar.accept_token(eos) and seq.grammar.is_terminated()
+    logits = torch.zeros(1, engine.config.model.vocab_size)
+    engine.structured.apply([seq], logits)
+    assert logits[0].isfinite().nonzero().flatten().tolist() == sorted(engine.eos_token_ids)
