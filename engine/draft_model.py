@@ -45,6 +45,7 @@ class DraftProposer:
         self.kv = KVCacheManager(config.num_kv_blocks, config.block_size,
                                  sliding_window=config.model.sliding_window)
         self.shadows: dict[int, Sequence] = {}  # target seq_id -> the draft's sequence
+        self.synced: dict[int, int] = {}        # target seq_id -> its tokens the shadow has
 
     def propose(self, wants: list[tuple[Sequence, int]]) -> None:
         """Set seq.spec_token_ids to up to k greedy draft tokens for each (seq, k)."""
@@ -77,12 +78,16 @@ class DraftProposer:
         if sh is None:
             sh = self.shadows[seq.seq_id] = Sequence(seq.request_id, seq.index, [],
                                                      SamplingParams())
-        same = min(sh.num_computed_tokens, seq.num_tokens - 1)
-        old = sh.token_ids
-        if old[:same] != seq.token_ids[:same]:  # a refused draft: the common prefix
-            same = next(i for i, (a, b) in enumerate(zip(old, seq.token_ids)) if a != b)
-        sh.token_ids = list(seq.token_ids)
-        sh.num_computed_tokens = same
+        # its first `synced` tokens are the target's (which only grow); after them come its
+        # drafts, kept as far as they equal the target's new tokens
+        synced = self.synced.get(seq.seq_id, 0)
+        new = seq.token_ids[synced:]
+        same = synced + next((i for i, (a, b) in enumerate(zip(sh.token_ids[synced:], new))
+                              if a != b), min(len(sh.token_ids) - synced, len(new)))
+        del sh.token_ids[synced:]
+        sh.token_ids += new
+        self.synced[seq.seq_id] = seq.num_tokens
+        sh.num_computed_tokens = min(same, sh.num_computed_tokens, seq.num_tokens - 1)
         self.kv.trim(sh)
         self.kv.evict_out_of_window(sh)
         return sh
@@ -94,6 +99,7 @@ class DraftProposer:
         return logits.argmax(dim=-1).tolist()
 
     def _drop(self, seq_id: int) -> None:
+        self.synced.pop(seq_id, None)
         sh = self.shadows.pop(seq_id, None)
         if sh is not None:
             self.kv.free(sh)

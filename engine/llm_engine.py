@@ -161,7 +161,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched:
             return []
-        decode_only = all(s.num_tokens - s.num_computed_tokens == 1 for s in sched.seqs)
+        decode_only = self.spec is not None and all(
+            s.num_tokens - s.num_computed_tokens == 1 for s in sched.seqs)
         sampling, logits = self.runner.execute(sched.seqs, sched.num_tokens, sched.copies)
         elapsed = time.perf_counter() - t0
         seqs, rows = self.scheduler.update(sched, sampling)

@@ -160,7 +160,7 @@ class ModelRunner:
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         ids = [t for s, a, n in zip(seqs, start.tolist(), num_tokens)
                for t in (s.token_ids[a:a + n] if not s.spec_token_ids
-                         else (s.token_ids + s.spec_token_ids)[a:a + n])]
+                         else (s.token_ids[a:] + s.spec_token_ids)[:n])]
         ends = np.fromiter((s.num_tokens + len(s.spec_token_ids) for s in seqs), np.int64,
                            len(seqs))
         sample_rows = np.nonzero(seq_lens == ends)[0]

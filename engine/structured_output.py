@@ -155,34 +155,29 @@ def _key(spec: StructuredOutputsParams) -> tuple:
     return spec.kind, value
 
 
+def _json_object(value, field: str, what: str) -> dict:
+    """A constraint given as an object or as JSON text: the object, or a ParamError."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ParamError("structured_outputs",
+                             f"structured_outputs: {field} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ParamError("structured_outputs", f"structured_outputs: {what} must be an object")
+    return value
+
+
 def _compile(compiler, spec: StructuredOutputsParams):
     kind = spec.kind
     if kind == "json":
-        schema = spec.json
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError as e:
-                raise ParamError("structured_outputs",
-                                 f"structured_outputs: json is not valid JSON: {e}") from None
-        if not isinstance(schema, dict):
-            raise ParamError("structured_outputs", "structured_outputs: a JSON schema must be "
-                                                   "an object")
+        schema = _json_object(spec.json, "json", "a JSON schema")
         _check_schema(schema)
         return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
     if kind == "json_object":
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
     if kind == "structural_tag":
-        tag = spec.structural_tag
-        if isinstance(tag, str):
-            try:
-                tag = json.loads(tag)
-            except ValueError as e:
-                raise ParamError("structured_outputs", f"structured_outputs: structural_tag is "
-                                                       f"not valid JSON: {e}") from None
-        if not isinstance(tag, dict):
-            raise ParamError("structured_outputs", "structured_outputs: a structural tag must "
-                                                   "be an object")
+        tag = _json_object(spec.structural_tag, "structural_tag", "a structural tag")
         for schema in _tag_schemas(tag):
             if isinstance(schema, dict):
                 _check_schema(schema)

@@ -321,19 +321,15 @@ def test_a_bad_speculative_config_stops_the_server_with_its_reason():
                                                 '"num_speculative_tokens": 99}')
 
 
-CODE = '''def moving_average(values, window):
-    if window <= 0:
-        raise ValueError("window must be positive")
-    result = []
-    total = 0.0
-    for i, x in enumerate(values):
-        total += x
-        if i >= window:
-            total -= values[i - window]
-        if i >= window - 1:
-            result.append(total / window)
-    return result
-'''
+def bench_code() -> str:
+    """bench/speculative.py's code-edit input (the benchmark found the near tie on it)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "speculative.py")
+    spec = importlib.util.spec_from_file_location("bench_speculative", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CODE
 
 
 def test_greedy_equals_plain_decoding_with_the_default_quantized_step():
@@ -346,7 +342,7 @@ def test_greedy_equals_plain_decoding_with_the_default_quantized_step():
     spec = LLM(**kw, speculative_config={**ALWAYS, "num_speculative_tokens": 8})
     p = SamplingParams(temperature=0, max_tokens=48)
     messages = [[{"role": "user", "content": "Add a docstring to this function. Reply with the "
-                                             "full code.\n\n" + CODE}],
+                                             "full code.\n\n" + bench_code()}],
                 [{"role": "user", "content": "Copy the following text exactly:\n\n"
                                              + PARAGRAPH}]]
     want = [o.outputs[0].token_ids for o in plain.chat(messages, p, use_tqdm=False)]

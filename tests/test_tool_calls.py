@@ -55,6 +55,21 @@ def assert_call(call: dict, names: set[str]) -> None:
     jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMETERS[name])
 
 
+# a conversation that goes on after a call: the assistant's call, then the tool's answer
+AFTER_CALL = MESSAGES + [
+    {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}]
+
+
+def rendered(client, messages: list[dict]) -> str:
+    """The prompt the server makes of a conversation (its chat template), as text."""
+    r = client.post("/tokenize", json={"messages": messages})
+    assert r.status_code == 200, r.text
+    return client.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+
+
 def whole(client, body: dict) -> list[dict]:
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
@@ -143,14 +158,8 @@ def test_a_call_cut_short_says_length(client):
 def test_earlier_calls_reach_the_prompt(client):
     """A conversation that goes on after a call: the assistant's tool_calls (content null)
     are the text of its turn, the tool's answer follows, and the model answers from there."""
-    messages = MESSAGES + [
-        {"role": "assistant", "content": None, "tool_calls": [{
-            "id": "call_1", "type": "function", "function": {
-                "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}]
-    r = client.post("/tokenize", json={"messages": messages})
-    assert r.status_code == 200, r.text
-    prompt = client.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    messages = AFTER_CALL
+    prompt = rendered(client, messages)
     call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
     assert call in prompt and prompt.index(call) < prompt.index("sunny, 21 degrees"), prompt
     (c,) = whole(client, {"messages": messages, "tools": TOOLS, "tool_choice": "none",
@@ -432,14 +441,8 @@ def test_earlier_calls_go_through_the_templates_own_format(tool_client):
     """On a template with a tool-call format, an assistant's tool_calls and the tool's answer
     reach the template as HF templates take them (arguments as an object) and it renders them
     its way: <tool_call> blocks and a <tool_response>, not calls_text's lines."""
-    messages = MESSAGES + [
-        {"role": "assistant", "content": None, "tool_calls": [{
-            "id": "call_1", "type": "function", "function": {
-                "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}]
-    r = tool_client.post("/tokenize", json={"messages": messages})
-    assert r.status_code == 200, r.text
-    prompt = tool_client.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    messages = AFTER_CALL
+    prompt = rendered(tool_client, messages)
     call = ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
             '{"city": "Paris", "unit": "celsius"}}\n</tool_call><|im_end|>\n')
     answer = "<|im_start|>user\n<tool_response>\nsunny, 21 degrees\n</tool_response><|im_end|>"
