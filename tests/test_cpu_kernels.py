@@ -95,6 +95,48 @@ def test_attention_cost_follows_each_sequence():
     assert torch.equal(both[1:], alone)
 
 
+def _rows_decoded_alone(q, kc, vc, tables, length, window):
+    """Each of the query tokens (the last len(q) positions of one sequence) as a decode step."""
+    nq = q.shape[0]
+    return torch.cat([cpu.paged_attention(q[t:t + 1], kc, vc, tables,
+                                          torch.tensor([0, 1], dtype=torch.int32),
+                                          torch.tensor([length - nq + t + 1], dtype=torch.int32),
+                                          q.shape[-1] ** -0.5, window) for t in range(nq)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,length,nq,window", [
+    (9, 3, 700, 9, None),   # SmolLM2's heads, 3 key chunks, 1 + 8 drafts
+    (16, 1, 300, 17, None),  # 16 heads per KV head: the tokens take several items
+    (8, 2, 400, 6, 100),     # a window: each token starts at its own key
+    (4, 2, 40, 5, None),
+])
+def test_verification_rows_equal_decoding_each_token(dtype, hq, hkv, length, nq, window):
+    """A sequence's few query tokens (speculative verification) share work items, and each
+    row's numbers are bit for bit those of decoding that token alone: greedy speculation
+    depends on it (int8 activations turn tiny differences into flipped near ties)."""
+    gen = torch.Generator().manual_seed(length)
+    q, kc, vc, tables, _, _ = _case(gen, dtype, hq, hkv, 64, 16, [length], [nq], window,
+                                    poison=False)
+    cu = torch.tensor([0, nq], dtype=torch.int32)
+    out = cpu.paged_attention(q, kc, vc, tables, cu, torch.tensor([length], dtype=torch.int32),
+                              64 ** -0.5, window)
+    assert torch.equal(out, _rows_decoded_alone(q, kc, vc, tables, length, window))
+
+
+def test_prefill_tiles_are_not_bitwise_decodes():
+    """The check above can fail: more query tokens go to the tiles, which sum in another
+    order, and their rows differ from decodes in the last bits."""
+    gen = torch.Generator().manual_seed(3)
+    q, kc, vc, tables, _, _ = _case(gen, torch.float32, 9, 3, 64, 16, [700], [20], None,
+                                    poison=False)
+    out = cpu.paged_attention(q, kc, vc, tables, torch.tensor([0, 20], dtype=torch.int32),
+                              torch.tensor([700], dtype=torch.int32), 64 ** -0.5)
+    alone = _rows_decoded_alone(q, kc, vc, tables, 700, None)
+    assert not torch.equal(out, alone)
+    assert (out - alone).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (7, 33, 576), (8, 64, 40), (9, 17, 100),
                                    (17, 960, 576)])

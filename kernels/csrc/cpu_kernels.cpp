@@ -852,9 +852,22 @@ struct AttnArgs {
 static const int64_t CHUNK = 256;  // keys per work item: long sequences split across threads
 static const int MAXG = 16;        // query heads per KV head handled together
 
-// Work item = (token, kv head, key chunk). Each computes, for its G query heads, the running
-// max, the sum of exp and the weighted V sum over its keys; a second pass merges chunks.
-struct Item { int32_t tok, seq, chunk; int32_t lo, hi; };
+// Position of query token t of a sequence of L tokens whose queries are [q0, q1).
+static inline int64_t query_pos(int32_t L, int32_t q0, int32_t q1, int64_t t) {
+    return L - (q1 - q0) + (t - q0);
+}
+
+// Work item = (tokens of one sequence, kv head, key chunk). For each of its rows (a token's G
+// query heads) it computes the running max, the sum of exp and the weighted V sum over the
+// row's keys in the chunk; a second pass merges chunks. A decode step's token is one item per
+// chunk; the few tokens of a speculative verification share an item, so each K/V row is
+// loaded and converted once for all of them, while every row's arithmetic stays exactly a
+// decode's (same key blocks, same operation order): verifying a draft gives the numbers that
+// decoding it would.
+// Tokens [tok0, tok0 + ntok) of sequence seq against keys [lo, hi) (hi: the last token's end);
+// its partial rows start at float offset part (head-major, then token). Tiles below use it too.
+struct Item { int32_t seq, tok0, ntok, lo, hi; int64_t part; };
+static const int MAXR = 48;  // rows (tokens x G) per item
 
 static const int KB = 16;  // keys scored together (one vector of exps)
 
@@ -874,29 +887,35 @@ static inline void attn_pv(float* acc, const float* p, const float (*v)[256], in
 
 template <typename T>
 static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part) {
-    // part: G x (2 + D) floats: m, l, acc[D]
-    const int64_t G = a.hq / a.hkv, D = a.d;
+    // part: rows r = token * G + g of 2 + D floats: m, l, acc[D]
+    const int64_t G = a.hq / a.hkv, D = a.d, R = it.ntok * G, ld = 2 + D;
     const T* kc = (const T*)a.k_cache;
     const T* vc = (const T*)a.v_cache;
     const int32_t* table = a.block_tables + (int64_t)it.seq * a.max_blocks;
-    float qv[MAXG][256];
-    for (int64_t g = 0; g < G; ++g) {
-        const float* qp = a.q + it.tok * a.q_stride + (h * G + g) * D;
-        for (int64_t i = 0; i < D; ++i) qv[g][i] = qp[i] * a.scale;
+    const int32_t q0 = a.cu_q[it.seq], q1 = a.cu_q[it.seq + 1], L = a.seq_lens[it.seq];
+    alignas(64) float qv[MAXR][256];
+    int64_t hi[MAXR];  // each row's end of keys: its token's position + 1, within the chunk
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = it.tok0 + r / G;
+        const float* qp = a.q + t * a.q_stride + (h * G + r % G) * D;
+        for (int64_t i = 0; i < D; ++i) qv[r][i] = qp[i] * a.scale;
+        hi[r] = std::min<int64_t>(it.hi, query_pos(L, q0, q1, t) + 1);
     }
-    float m[MAXG], l[MAXG];
-    for (int64_t g = 0; g < G; ++g) {
-        m[g] = -INFINITY; l[g] = 0.f;
-        std::memset(part + g * (2 + D) + 2, 0, sizeof(float) * D);
+    float m[MAXR], l[MAXR];
+    for (int64_t r = 0; r < R; ++r) {
+        m[r] = -INFINITY; l[r] = 0.f;
+        std::memset(part + r * ld + 2, 0, sizeof(float) * D);
     }
 #if defined(__AVX512F__)
     // Blocks of KB keys: scores, one max and rescale per block, a vector of exps, then V.
     const int64_t nv = (D + 15) / 16;
     const __mmask16 tail = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffff);
-    alignas(64) float sc[MAXG][KB];
+    alignas(64) float sc[MAXR][KB];
     int64_t rows[KB];  // element offsets of the block's K/V rows
     for (int64_t j0 = it.lo; j0 < it.hi; j0 += KB) {
         const int nk = (int)std::min<int64_t>(KB, it.hi - j0);
+        int nkr[MAXR];  // keys of this block each row sees (<= 0: none, the block is past it)
+        for (int64_t r = 0; r < R; ++r) nkr[r] = (int)std::min<int64_t>(KB, hi[r] - j0);
         for (int jj = 0; jj < nk; ++jj) {
             const int64_t j = j0 + jj;
             const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
@@ -904,49 +923,53 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
             const T* kr = kc + rows[jj];
             __m512 kv[16];
             for (int64_t v = 0; v < nv; ++v) kv[v] = load16<T>(kr + v * 16, v + 1 < nv ? 0xffff : tail);
-            for (int64_t g = 0; g < G; ++g) {
+            for (int64_t r = 0; r < R; ++r) {
+                if (jj >= nkr[r]) continue;
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t v = 0; v < nv; ++v)
                     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(v + 1 < nv ? 0xffff : tail,
-                                                                qv[g] + v * 16), kv[v], acc);
-                sc[g][jj] = _mm512_reduce_add_ps(acc);
+                                                                qv[r] + v * 16), kv[v], acc);
+                sc[r][jj] = _mm512_reduce_add_ps(acc);
             }
         }
-        const __mmask16 live = (__mmask16)(nk == 16 ? 0xffff : (1u << nk) - 1);
-        alignas(64) float pr[MAXG][KB];
-        for (int64_t g = 0; g < G; ++g) {
-            const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc[g]);
-            const float bm = std::max(m[g], _mm512_reduce_max_ps(s));
-            if (bm > m[g]) {
-                const float c = std::exp(m[g] - bm);  // 0 on the first block
-                l[g] *= c;
-                float* acc = part + g * (2 + D) + 2;
+        alignas(64) float pr[MAXR][KB];
+        for (int64_t r = 0; r < R; ++r) {
+            if (nkr[r] <= 0) continue;
+            const __mmask16 live = (__mmask16)(nkr[r] == 16 ? 0xffff : (1u << nkr[r]) - 1);
+            const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, sc[r]);
+            const float bm = std::max(m[r], _mm512_reduce_max_ps(s));
+            if (bm > m[r]) {
+                const float c = std::exp(m[r] - bm);  // 0 on the first block
+                l[r] *= c;
+                float* acc = part + r * ld + 2;
                 for (int64_t i = 0; i < D; ++i) acc[i] *= c;
-                m[g] = bm;
+                m[r] = bm;
             }
             const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(bm))));
-            l[g] += _mm512_reduce_add_ps(e);
-            _mm512_store_ps(pr[g], e);
+            l[r] += _mm512_reduce_add_ps(e);
+            _mm512_store_ps(pr[r], e);
         }
-        // V: the block's rows as fp32 once, then each head's accumulator stays in a register
+        // V: the block's rows as fp32 once, then each row's accumulator stays in a register
         // across the block's keys (a load and a store per block, not per key).
         alignas(64) float vs[KB][256];
         for (int jj = 0; jj < nk; ++jj)
             for (int64_t v = 0; v < nv; ++v)
                 _mm512_store_ps(vs[jj] + v * 16,
                                 load16<T>(vc + rows[jj] + v * 16, v + 1 < nv ? 0xffff : tail));
-        for (int64_t g = 0; g < G; ++g) {
-            float* acc = part + g * (2 + D) + 2;
-            if (nv == 4 && tail == 0xffff) attn_pv<4>(acc, pr[g], vs, nk);  // head_dim 64
-            else if (nv == 8 && tail == 0xffff) attn_pv<8>(acc, pr[g], vs, nk);  // 128
+        for (int64_t r = 0; r < R; ++r) {
+            const int nr = nkr[r];
+            if (nr <= 0) continue;
+            float* acc = part + r * ld + 2;
+            if (nv == 4 && tail == 0xffff) attn_pv<4>(acc, pr[r], vs, nr);  // head_dim 64
+            else if (nv == 8 && tail == 0xffff) attn_pv<8>(acc, pr[r], vs, nr);  // 128
             else
                 for (int64_t v = 0; v < nv; ++v) {
                     const __mmask16 mk = v + 1 < nv ? 0xffff : tail;
-                    __m512 a = _mm512_maskz_loadu_ps(mk, acc + v * 16);
-                    for (int jj = 0; jj < nk; ++jj)
-                        a = _mm512_fmadd_ps(_mm512_set1_ps(pr[g][jj]),
-                                            _mm512_load_ps(vs[jj] + v * 16), a);
-                    _mm512_mask_storeu_ps(acc + v * 16, mk, a);
+                    __m512 x = _mm512_maskz_loadu_ps(mk, acc + v * 16);
+                    for (int jj = 0; jj < nr; ++jj)
+                        x = _mm512_fmadd_ps(_mm512_set1_ps(pr[r][jj]),
+                                            _mm512_load_ps(vs[jj] + v * 16), x);
+                    _mm512_mask_storeu_ps(acc + v * 16, mk, x);
                 }
         }
     }
@@ -957,54 +980,50 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
         const T* kr = kc + (slot * a.hkv + h) * D;
         const T* vr = vc + (slot * a.hkv + h) * D;
         for (int64_t i = 0; i < D; ++i) kf[i] = ld<T>(kr, i);
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t r = 0; r < R; ++r) {
+            if (j >= hi[r]) continue;
             float s = 0.f;
-            const float* qg = qv[g];
+            const float* qg = qv[r];
             for (int64_t i = 0; i < D; ++i) s += qg[i] * kf[i];
-            float* acc = part + g * (2 + D) + 2;
-            if (s > m[g]) {
-                const float c = std::exp(m[g] - s);
-                l[g] *= c;
+            float* acc = part + r * ld + 2;
+            if (s > m[r]) {
+                const float c = std::exp(m[r] - s);
+                l[r] *= c;
                 for (int64_t i = 0; i < D; ++i) acc[i] *= c;
-                m[g] = s;
+                m[r] = s;
             }
-            const float p = std::exp(s - m[g]);
-            l[g] += p;
+            const float p = std::exp(s - m[r]);
+            l[r] += p;
             for (int64_t i = 0; i < D; ++i) acc[i] += p * ld<T>(vr, i);
         }
     }
 #endif
-    for (int64_t g = 0; g < G; ++g) { part[g * (2 + D)] = m[g]; part[g * (2 + D) + 1] = l[g]; }
+    for (int64_t r = 0; r < R; ++r) { part[r * ld] = m[r]; part[r * ld + 1] = l[r]; }
 }
 
 // A sequence with many query tokens (a prefill chunk) is scored in tiles: up to TROWS rows
 // (query tokens x the G heads sharing a KV head) against blocks of KB keys. The tile's
 // queries are transposed once so that a key's scores for 16 rows are one vector (no
 // horizontal sums), each key block is converted once for all rows, and the softmax runs
-// down the lanes. Sequences with few query rows (decode) keep the per-token items above.
+// down the lanes. Sequences with few query rows (decode) keep the items above.
 static const int TROWS = 48;          // rows per tile: three vectors
-// Up to this many query tokens a sequence is scored token by token, as a decode is: a
+// Up to this many query tokens a sequence is scored by items, each row as a decode is: a
 // speculative verification (1 + at most 16 drafts) then gives each position the same
 // numbers as decoding it alone (the tiles sum in another order, which int8 activation
 // rounding can turn into logits ~0.5 apart, enough to flip a near tie).
 static const int32_t PER_TOKEN_MAX_Q = 17;
 static const int64_t TCHUNK = 512;    // keys per tile item when there are few tiles
 
-struct TItem { int32_t seq, tok0, ntok, lo, hi; int64_t part; };  // part: float offset
 struct Ref { int64_t off, hstride; };  // one key chunk's partial rows of a token: head h at
                                        // part + off + h * hstride, G rows of 2 + D floats
 
 struct AttnPlan {
-    std::vector<Item> items;      // per-token work
-    std::vector<TItem> tiles;     // tiled work
+    std::vector<Item> items;      // sequences with few query tokens (decode, verification)
+    std::vector<Item> tiles;      // tiled work
     std::vector<Ref> refs;        // per token, its chunks' partials
     std::vector<int32_t> rfirst;  // [T + 1] into refs
     int64_t part_size = 1;        // floats
 };
-
-static inline int64_t query_pos(int32_t L, int32_t q0, int32_t q1, int64_t t) {
-    return L - (q1 - q0) + (t - q0);
-}
 
 // For every query token its visible key range [lo, hi), in chunks, and where each chunk's
 // partial result lives.
@@ -1027,48 +1046,57 @@ static void attn_plan(const AttnArgs& a, int nthreads, AttnPlan& pl) {
     auto tiled = [&](int64_t) { return false; };
     const int64_t ntok_tile = 1, tchunk = 0;
 #endif
-    std::vector<std::pair<int64_t, int64_t>> tile_span;  // per sequence: tiles [first, end)
-    tile_span.assign(a.num_seqs, {0, 0});
+    // per sequence: its tiles or items [first, end)
+    std::vector<std::pair<int64_t, int64_t>> span(a.num_seqs, {0, 0});
+    const int64_t ntok_item = std::max<int64_t>(1, MAXR / G);  // tokens per item
     for (int64_t s = 0; s < a.num_seqs; ++s) {
         const int32_t q0 = a.cu_q[s], q1 = a.cu_q[s + 1], L = a.seq_lens[s];
+        auto first_key = [&](int64_t t) {
+            return a.window > 0 ? std::max<int64_t>(0, query_pos(L, q0, q1, t) - a.window + 1) : 0;
+        };
         if (tiled(s)) {
-            tile_span[s].first = (int64_t)pl.tiles.size();
+            span[s].first = (int64_t)pl.tiles.size();
             for (int32_t t0 = q0; t0 < q1; t0 += (int32_t)ntok_tile) {
                 const int32_t t1 = (int32_t)std::min<int64_t>(q1, t0 + ntok_tile);
-                const int64_t p0 = query_pos(L, q0, q1, t0), p1 = query_pos(L, q0, q1, t1 - 1);
-                const int64_t lo = a.window > 0 ? std::max<int64_t>(0, p0 - a.window + 1) : 0;
+                const int64_t p1 = query_pos(L, q0, q1, t1 - 1), lo = first_key(t0);
                 for (int64_t c = lo; c <= p1; c += tchunk)
                     pl.tiles.push_back({(int32_t)s, t0, t1 - t0, (int32_t)c,
                                         (int32_t)std::min<int64_t>(p1 + 1, c + tchunk), 0});
             }
-            tile_span[s].second = (int64_t)pl.tiles.size();
+            span[s].second = (int64_t)pl.tiles.size();
             continue;
         }
-        for (int32_t t = q0; t < q1; ++t) {
-            const int64_t p = query_pos(L, q0, q1, t);
-            const int64_t lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
-            for (int64_t c = lo; c < p + 1; c += CHUNK)
-                pl.items.push_back({t, (int32_t)s, (int32_t)((c - lo) / CHUNK), (int32_t)c,
-                                    (int32_t)std::min<int64_t>(p + 1, c + CHUNK)});
+        // Runs of tokens with the same first key (all of a run without a window) share items:
+        // chunks of CHUNK keys from there, each with the run's tokens that reach it.
+        span[s].first = (int64_t)pl.items.size();
+        for (int32_t t0 = q0; t0 < q1;) {
+            const int64_t lo = first_key(t0);
+            int32_t t1 = t0 + 1;
+            while (t1 < q1 && t1 - t0 < ntok_item && first_key(t1) == lo) ++t1;
+            const int64_t p1 = query_pos(L, q0, q1, t1 - 1);
+            int32_t tf = t0;
+            for (int64_t c = lo; c <= p1; c += CHUNK) {
+                while (query_pos(L, q0, q1, tf) < c) ++tf;
+                pl.items.push_back({(int32_t)s, tf, t1 - tf, (int32_t)c,
+                                    (int32_t)std::min<int64_t>(p1 + 1, c + CHUNK), 0});
+            }
+            t0 = t1;
         }
+        span[s].second = (int64_t)pl.items.size();
     }
-    int64_t off = (int64_t)pl.items.size() * a.hkv * per;
-    for (TItem& ti : pl.tiles) { ti.part = off; off += a.hkv * ti.ntok * per; }
+    int64_t off = 0;
+    for (Item& it : pl.items) { it.part = off; off += a.hkv * it.ntok * per; }
+    for (Item& ti : pl.tiles) { ti.part = off; off += a.hkv * ti.ntok * per; }
     pl.part_size = std::max<int64_t>(1, off);
-    // refs, token by token (items and tiles are both in token order)
-    size_t i = 0;
+    // refs, token by token: the items (or tiles) of its sequence that hold it, keys in order
     for (int64_t s = 0; s < a.num_seqs; ++s) {
+        const std::vector<Item>& work = tiled(s) ? pl.tiles : pl.items;
         for (int32_t t = a.cu_q[s]; t < a.cu_q[s + 1]; ++t) {
             pl.rfirst[t] = (int32_t)pl.refs.size();
-            if (tiled(s)) {
-                for (int64_t k = tile_span[s].first; k < tile_span[s].second; ++k) {
-                    const TItem& ti = pl.tiles[k];
-                    if (t >= ti.tok0 && t < ti.tok0 + ti.ntok)
-                        pl.refs.push_back({ti.part + (t - ti.tok0) * per, ti.ntok * per});
-                }
-            } else {
-                for (; i < pl.items.size() && pl.items[i].tok == t; ++i)
-                    pl.refs.push_back({(int64_t)i * a.hkv * per, per});
+            for (int64_t k = span[s].first; k < span[s].second; ++k) {
+                const Item& w = work[k];
+                if (t >= w.tok0 && t < w.tok0 + w.ntok)
+                    pl.refs.push_back({w.part + (t - w.tok0) * per, w.ntok * per});
             }
         }
     }
@@ -1120,7 +1148,7 @@ static inline void tile_pv(float* acc, int64_t ld, const float* c, const float (
 // One tile item for KV head h: its rows' m, l and unnormalized V sums over keys [lo, hi)
 // into part (rows of 2 + D floats, token-major then head).
 template <typename T>
-static void attn_tile(const AttnArgs& a, const TItem& it, int64_t h, float* part) {
+static void attn_tile(const AttnArgs& a, const Item& it, int64_t h, float* part) {
     const int64_t G = a.hq / a.hkv, D = a.d, ld = 2 + D, R = it.ntok * G;
     const int NR = (int)((R + 15) / 16);
     const T* kc = (const T*)a.k_cache;
@@ -1233,11 +1261,12 @@ static void attention_body(Pool& p, const AttnArgs& a, const AttnPlan& pl, float
     parallel_for(p, (ni + (int64_t)pl.tiles.size()) * a.hkv, [&](int64_t w) {
         const int64_t i = w / a.hkv, h = w % a.hkv;
         if (i < ni) {
-            attn_item<T>(a, pl.items[i], h, part + (i * a.hkv + h) * per);
+            const Item& it = pl.items[i];
+            attn_item<T>(a, it, h, part + it.part + h * it.ntok * per);
             return;
         }
 #if defined(__AVX512F__)
-        const TItem& ti = pl.tiles[i - ni];
+        const Item& ti = pl.tiles[i - ni];
         attn_tile<T>(a, ti, h, part + ti.part + h * ti.ntok * per);
 #endif
     });
