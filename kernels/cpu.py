@@ -51,11 +51,15 @@ _SIGNATURES = {
     "kvs_linear": ([ctypes.c_int, _P, _P, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int,
                     ctypes.c_int], ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
-                             _I, ctypes.c_float, _I, _P, ctypes.c_int], ctypes.c_int),
+                             _I, ctypes.c_float, _I, _P, ctypes.c_int, ctypes.c_int, _P, _P],
+                            ctypes.c_int),
+    "kvs_quantize_rows": ([ctypes.c_int, ctypes.c_int, _P, _I, _I, _P, _P, _P], ctypes.c_int),
     "kvs_forward": ([ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, _P,
                      _P, _I, _I, _P, ctypes.c_int], ctypes.c_int),
 }
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# the kernels' KvFormat of a cache dtype (kernels/kvquant.py); the model's dtype is 0
+KV_FORMATS = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 
 
 def cache_dir() -> Path:
@@ -167,26 +171,46 @@ def _check(rc: int, what: str) -> None:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
-    # q: [T, Hq, D]; caches: [N, B, Hkv, D] (fp32 or bf16) -> [T, Hq, D] in the cache dtype
+                    sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    # q: [T, Hq, D]; caches: [N, B, Hkv, D] (fp32 or bf16, or int8 / fp8 codes with their
+    # scales, kernels/kvquant.py) -> [T, Hq, D] in the cache dtype (q's for a quantized one)
     lib = library()
     num_tokens, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
-    out = torch.empty(num_tokens, hq, d, dtype=k_cache.dtype)
+    kvfmt = KV_FORMATS.get(k_cache.dtype, 0)
+    dtype = q.dtype if kvfmt else k_cache.dtype
+    out = torch.empty(num_tokens, hq, d, dtype=dtype)
     if num_tokens == 0 or seq_lens.numel() == 0:
         return out
     qf = q.float().contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     cu = cu_seqlens_q.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    rc = lib.kvs_paged_attention(DTYPE_CODES[k_cache.dtype], qf.data_ptr(), hq * d,
+    rc = lib.kvs_paged_attention(DTYPE_CODES[dtype], qf.data_ptr(), hq * d,
                                  k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                  tables.shape[1], cu.data_ptr(), lens.data_ptr(), lens.numel(),
                                  num_tokens, hq, hkv, d, block_size, float(scale),
                                  int(sliding_window or 0), out.data_ptr(),
-                                 torch.get_num_threads())
+                                 torch.get_num_threads(), kvfmt, _ptr(k_scale), _ptr(v_scale))
     _check(rc, "paged_attention")
     return out.to(q.dtype)
+
+
+def quantize_rows(x: torch.Tensor, cache_dtype: torch.dtype,
+                  head_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [n, D] (fp32 / bf16) as the fused step stores them in a quantized cache: codes
+    [n, D] of cache_dtype and int8's fp16 scales [n] (fp8: head_scales [n] divide, returned)."""
+    x = x.contiguous()
+    n, d = x.shape
+    codes = torch.empty(n, d, dtype=cache_dtype)
+    scales = torch.empty(n, dtype=torch.float16) if cache_dtype == torch.int8 \
+        else head_scales.float().contiguous()
+    rc = library().kvs_quantize_rows(DTYPE_CODES[x.dtype], KV_FORMATS[cache_dtype], x.data_ptr(),
+                                     n, d, codes.data_ptr(), scales.data_ptr(),
+                                     scales.data_ptr())
+    _check(rc, "quantize_rows")
+    return codes, scales
 
 
 def row_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,7 +446,10 @@ class Forward:
 
     def _layer_ptrs(self, model, kv_caches, weights: str | None) -> torch.Tensor:
         ptrs = []
-        for layer, (kc, vc) in zip(model.layers, kv_caches):
+        self.kvfmt = KV_FORMATS.get(kv_caches[0][0].dtype, 0)
+        for layer, cache in zip(model.layers, kv_caches):
+            kc, vc = cache[:2]
+            ks, vs = cache[2:] if len(cache) == 4 else (None, None)  # quantized: scales
             attn, mlp = layer.self_attn, layer.mlp
             mats = [pack_weight(lin.weight, weights) if self.tiles else (lin.weight, None)
                     for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -432,13 +459,14 @@ class Forward:
                        attn.k_norm.weight if attn.qk_norm else None,
                        wo, layer.post_attention_layernorm.weight, wgu, wdown, kc, vc,
                        sqkv, so, sgu, sdown]
-            for t in tensors:
+            for t in tensors + [ks, vs]:
                 if t is not None:
                     assert t.is_contiguous(), t.shape
-                    assert t.dtype in (self.dtype, torch.uint8, torch.float32, torch.float16), \
-                        t.dtype
+                    assert t.dtype in (self.dtype, torch.uint8, torch.float32, torch.float16,
+                                       *KV_FORMATS), t.dtype
                     self._keep.append(t)
-            ptrs += [_ptr(t) or 0 for t in tensors] + [_w_bits(*mat) for mat in mats]
+            ptrs += [_ptr(t) or 0 for t in tensors] + [_w_bits(*mat) for mat in mats] \
+                + [_ptr(ks) or 0, _ptr(vs) or 0]
             self.formats.update(FORMAT_NAMES.get(_w_bits(*mat), str(self.dtype).removeprefix(
                 "torch.")) for mat in mats)
         return torch.tensor(ptrs, dtype=torch.int64)
@@ -482,7 +510,7 @@ class Forward:
         tables = block_tables.to(torch.int32).contiguous()
         cu = cu_seqlens_q.to(torch.int32).contiguous()
         lens = seq_lens.to(torch.int32).contiguous()
-        dims = torch.tensor(self.dims_base + [tables.shape[1], self.max_positions],
+        dims = torch.tensor(self.dims_base + [tables.shape[1], self.max_positions, self.kvfmt],
                             dtype=torch.int64)
         rc = self.lib.kvs_forward(self.code, dims.data_ptr(), self.layer_ptrs.data_ptr(),
                                   self.windows.data_ptr(), self.final_norm.data_ptr(),

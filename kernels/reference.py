@@ -11,23 +11,44 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import kvquant
+
 
 def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T]
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    # k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]; slot_mapping: [T];
+    # quantized caches (kernels/kvquant.py): int8 scales [num_blocks, block_size, Hkv] are
+    # written beside the codes, fp8 head scales [Hkv] are read
     num_kv_heads, head_dim = k_cache.shape[-2:]
     slots = slot_mapping.long()
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if not kvquant.is_quantized(cache):
+            cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, x.to(cache.dtype))
+            continue
+        codes, row_scale = kvquant.quantize(x, cache.dtype, scale)
+        kvquant.as_bytes(cache).view(-1, num_kv_heads, head_dim).index_copy_(
+            0, slots, kvquant.as_bytes(codes))
+        if row_scale is not None:
+            scale.view(-1, num_kv_heads).index_copy_(0, slots, row_scale)
 
 
-def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    # cache: [N, B, Hkv, D]; block_table: [..., nb] -> [..., length, Hkv, D]
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+               scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    # cache: [N, B, Hkv, D]; block_table: [..., nb] -> [..., length, Hkv, D] of dtype
+    # (a quantized cache's rows dequantized: only the gathered ones)
     block_size = cache.shape[1]
     nb = (length + block_size - 1) // block_size
     table = block_table[..., :nb].long()
-    blocks = cache.index_select(0, table.reshape(-1)).view(*table.shape, *cache.shape[1:])
-    return blocks.flatten(-4, -3)[..., :length, :, :]  # [..., length, Hkv, D]
+    blocks = kvquant.as_bytes(cache).index_select(0, table.reshape(-1)).view(cache.dtype)
+    blocks = blocks.view(*table.shape, *cache.shape[1:])
+    rows = blocks.flatten(-4, -3)[..., :length, :, :]  # [..., length, Hkv, D]
+    if not kvquant.is_quantized(cache):
+        return rows
+    if cache.dtype == torch.int8:
+        scale = scale.index_select(0, table.reshape(-1)).view(*table.shape, *scale.shape[1:])
+        scale = scale.flatten(-3, -2)[..., :length, :]  # [..., length, Hkv]
+    return kvquant.dequantize(rows, scale, dtype)
 
 
 def _key_mask(q_pos: torch.Tensor, length: int, seq_len: torch.Tensor,
@@ -40,7 +61,18 @@ def _key_mask(q_pos: torch.Tensor, length: int, seq_len: torch.Tensor,
     return mask
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
+def _dequantize_rows(codes, cache_scale, rows, dtype):
+    # codes [S, Hkv, L, D] gathered at flat (slot, head) rows [S, Hkv, L] -> values of dtype
+    if cache_scale is None:
+        return codes
+    if codes.dtype == torch.int8:
+        s = cache_scale.view(-1).index_select(0, rows.view(-1)).view(rows.shape)
+        return (codes.float() * s.float()[..., None]).to(dtype)
+    return (codes.float() * cache_scale.float()[None, :, None, None]).to(dtype)
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+            k_scale=None, v_scale=None):
     # q: [S, Hq, D], one query per sequence at position seq_len - 1
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -53,8 +85,10 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
     rows = (blocks * block_size + j % block_size)[:, None, :] * num_kv_heads \
         + torch.arange(num_kv_heads, device=q.device)[None, :, None]     # [S, Hkv, L]
     # index_select is ~8x faster than advanced indexing for row gathers on CPU
-    k = k_cache.view(-1, head_dim).index_select(0, rows.view(-1)).view(*rows.shape, head_dim)
-    v = v_cache.view(-1, head_dim).index_select(0, rows.view(-1)).view(*rows.shape, head_dim)
+    k, v = (kvquant.as_bytes(c).view(-1, head_dim).index_select(0, rows.view(-1))
+            .view(c.dtype).view(*rows.shape, head_dim) for c in (k_cache, v_cache))
+    k = _dequantize_rows(k, k_scale, rows, q.dtype)
+    v = _dequantize_rows(v, v_scale, rows, q.dtype)
     q_pos = (seq_lens.long() - 1)[:, None]
     mask = _key_mask(q_pos, length, seq_lens.long(), sliding_window)[:, 0]  # [S, L]
     if sliding_window is not None:  # evicted blocks may hold anything, NaN included
@@ -68,11 +102,12 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
     return out.reshape(num_seqs, num_q_heads, head_dim)
 
 
-def _prefill_one(q, k_cache, v_cache, block_table, seq_len, scale, sliding_window):
+def _prefill_one(q, k_cache, v_cache, block_table, seq_len, scale, sliding_window,
+                 k_scale=None, v_scale=None):
     # q: [Q, Hq, D] for one sequence whose KV length is seq_len
     q_len = q.shape[0]
-    k = _gather_kv(k_cache, block_table, seq_len)  # [L, Hkv, D]
-    v = _gather_kv(v_cache, block_table, seq_len)
+    k = _gather_kv(k_cache, block_table, seq_len, k_scale, q.dtype)  # [L, Hkv, D]
+    v = _gather_kv(v_cache, block_table, seq_len, v_scale, q.dtype)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
     mask = _key_mask(q_pos, seq_len, torch.tensor(seq_len, device=q.device), sliding_window)
     if sliding_window is not None:  # keys evicted from the window may be garbage
@@ -88,9 +123,11 @@ def _prefill_one(q, k_cache, v_cache, block_table, seq_len, scale, sliding_windo
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                         seq_lens: torch.Tensor, scale: float,
-                        sliding_window: int | None = None) -> torch.Tensor:
+                        sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
     # q: [T, Hq, D]; caches: [N, B, Hkv, D]; block_tables: [S, max_blocks];
-    # cu_seqlens_q: [S + 1]; seq_lens: [S]  ->  [T, Hq, D]
+    # cu_seqlens_q: [S + 1]; seq_lens: [S]  ->  [T, Hq, D]; quantized caches with their
+    # scales (kernels/kvquant.py)
     num_seqs = seq_lens.shape[0]
     out = torch.empty_like(q)
     if num_seqs == 0:
@@ -98,17 +135,19 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     single = q_lens == 1
     if bool(single.all()):  # pure decode batch
-        return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+        return _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                       k_scale, v_scale)
     if bool(single.any()):  # the decodes of a mixed batch still go as one batch
         idx = single.nonzero()[:, 0]
         rows = cu_seqlens_q[idx].long()
         out[rows] = _decode(q[rows], k_cache, v_cache, block_tables[idx], seq_lens[idx],
-                            scale, sliding_window)
+                            scale, sliding_window, k_scale, v_scale)
     # Prefill sequences have very different lengths; padding them into one tensor costs
     # O(S * Qmax * Lmax) memory, so each is one SDPA call over its own keys.
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for s in (~single & (q_lens > 0)).nonzero()[:, 0].tolist():
         out[cu[s]:cu[s + 1]] = _prefill_one(q[cu[s]:cu[s + 1]], k_cache, v_cache,
-                                            block_tables[s], lens[s], scale, sliding_window)
+                                            block_tables[s], lens[s], scale, sliding_window,
+                                            k_scale, v_scale)
     return out

@@ -22,7 +22,7 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -65,6 +65,126 @@ template <> inline float ld<bf16>(const bf16* p, int64_t i) { return bf2f(p[i]);
 template <typename T> static inline T st(float v);
 template <> inline float st<float>(float v) { return v; }
 template <> inline bf16 st<bf16>(float v) { return f2bf(v); }
+template <typename T> static inline float rounded(float v) {  // v stored as T, read back
+    const T t = st<T>(v);
+    return ld<T>(&t, 0);
+}
+
+// ------------------------------------------------------------------------------ KV formats
+//
+// The KV cache holds the model's type T, or quantized codes (kernels/kvquant.py says what a
+// stored value is): int8 with a fp16 scale per token per KV head (a [blocks, block_size, Hkv]
+// array beside the codes), or fp8 e4m3 / e5m2 with a float32 scale per KV head.
+enum KvFormat { KV_PLAIN = 0, KV_INT8 = 1, KV_E4M3 = 2, KV_E5M2 = 3 };
+struct E4M3 { uint8_t b; };
+struct E5M2 { uint8_t b; };
+
+static inline uint16_t f2h(float f) {  // float -> IEEE half, round to nearest even
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const float a = std::fabs(f);
+    if (!(a == a)) return (uint16_t)(sign | 0x7e00u);
+    if (a >= 65520.f) return (uint16_t)(sign | 0x7c00u);  // rounds to inf
+    if (a < 6.103515625e-05f)  // subnormal: quantum 2^-24
+        return (uint16_t)(sign | (uint32_t)std::nearbyint(std::ldexp(a, 24)));
+    int e;
+    std::frexp(a, &e);
+    uint32_t q = (uint32_t)std::nearbyint(std::ldexp(a, 11 - e));  // [1024, 2048]
+    if (q == 2048) { q = 1024; ++e; }
+    return (uint16_t)(sign | ((uint32_t)(e - 1 + 15) << 10) | (q - 1024));
+#endif
+}
+
+// float -> fp8 with M mantissa bits and exponent bias B, round to nearest even, saturating
+// at the largest finite value maxv (as torch's .to(float8_*) after a clamp). On the bits:
+// normals round float32's mantissa to M bits (the carry may bump the exponent, which is
+// right) and rebias the exponent; subnormals count quanta of 2^(1 - B - M) (2^M quanta is
+// the smallest normal, whose code is 2^M too).
+static inline uint8_t fp8_encode(float x, int M, int B, float maxv) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    float a = std::fabs(x);
+    a = a < maxv ? a : maxv;  // NaN (never stored by the engine) saturates too
+    if (a < std::ldexp(1.f, 1 - B)) {
+        const float v = a * std::ldexp(1.f, B - 1 + M);  // exact: a power of two
+        return sign | (uint8_t)std::nearbyint(v);
+    }
+    std::memcpy(&u, &a, 4);
+    const int shift = 23 - M;
+    const uint32_t r = (u + (1u << (shift - 1)) - 1 + ((u >> shift) & 1)) >> shift;
+    return sign | (uint8_t)(r - ((uint32_t)(127 - B) << M));
+}
+
+// Kv<K>: how attention reads cache element type K. value(p, i) (and kv_load16) give a code as
+// a float divided by `unit`; the row's scale times unit multiplies it. An e4m3 byte shifted
+// into a half's bits is its value times 2^-8 (exponent bias 15 against 7; subnormals line up
+// too), so unit = 256; an e5m2 byte is a half's top byte.
+template <typename K> struct Kv {  // the model's own type: no scale
+    static constexpr bool quant = false;
+    static inline float value(const K* p, int64_t i) { return ld<K>(p, i); }
+};
+template <> struct Kv<int8_t> {
+    static constexpr bool quant = true;
+    static constexpr float unit = 1.f;
+    static inline float value(const int8_t* p, int64_t i) { return (float)p[i]; }
+};
+template <> struct Kv<E4M3> {
+    static constexpr bool quant = true;
+    static constexpr float unit = 256.f;
+    static inline float value(const E4M3* p, int64_t i) {
+        return h2f((uint16_t)(((p[i].b & 0x7f) << 7) | ((p[i].b & 0x80) << 8)));
+    }
+};
+template <> struct Kv<E5M2> {
+    static constexpr bool quant = true;
+    static constexpr float unit = 1.f;
+    static inline float value(const E5M2* p, int64_t i) { return h2f((uint16_t)(p[i].b << 8)); }
+};
+
+// The scale (times unit) of the cache row idx = slot * Hkv + h: 1 for the model's type.
+template <typename K> static inline float kv_scale(const void* scales, int64_t idx, int64_t h) {
+    if constexpr (!Kv<K>::quant) return 1.f;
+    else if constexpr (std::is_same<K, int8_t>::value) {
+#if defined(__F16C__)
+        return _cvtsh_ss(((const uint16_t*)scales)[idx]);
+#else
+        return h2f(((const uint16_t*)scales)[idx]);
+#endif
+    }
+    else return ((const float*)scales)[h] * Kv<K>::unit;
+}
+template <typename K> static inline float kv_ld(const K* p, int64_t i, float scale) {
+    if constexpr (Kv<K>::quant) return Kv<K>::value(p, i) * scale;
+    else return Kv<K>::value(p, i);
+}
+
+// One token's K or V row of one head (D values, x already rounded to the model's type) into
+// the cache at element offset `at` (slot * Hkv + head) * D; int8 writes its scale at
+// scales[slot * Hkv + head], fp8 divides by the head's scale.
+static void store_kv_row(int fmt, void* cache, void* scales, float head_scale, int64_t at,
+                         const float* x, int64_t D) {
+    if (fmt == KV_INT8) {
+        float amax = 0.f;
+        for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+        const uint16_t s16 = f2h(amax / 127.f);
+        const float sc = h2f(s16);
+        int8_t* q = (int8_t*)cache + at;
+        for (int64_t i = 0; i < D; ++i)
+            q[i] = sc > 0.f ? (int8_t)std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / sc)))
+                            : (int8_t)0;
+        ((uint16_t*)scales)[at / D] = s16;
+        return;
+    }
+    uint8_t* q = (uint8_t*)cache + at;
+    for (int64_t i = 0; i < D; ++i)
+        q[i] = fmt == KV_E4M3 ? fp8_encode(x[i] / head_scale, 3, 7, 448.f)
+                              : fp8_encode(x[i] / head_scale, 2, 15, 57344.f);
+}
 
 // ------------------------------------------------------------------------------ thread pool
 //
@@ -241,6 +361,26 @@ template <> inline __m512 load16<float>(const float* p, __mmask16 m) {
 template <> inline __m512 load16<bf16>(const bf16* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// 16 (or mask) cache elements as fp32 codes (Kv<K>::value for 16 lanes).
+template <typename K> static inline __m512 kv_load16(const K* p, __mmask16 m) { return load16<K>(p, m); }
+template <> inline __m512 kv_load16<int8_t>(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+template <> inline __m512 kv_load16<E4M3>(const E4M3* p, __mmask16 m) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), 7),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8));
+    return _mm512_cvtph_ps(h);  // times 2^-8: Kv<E4M3>::unit puts it back through the scale
+}
+template <> inline __m512 kv_load16<E5M2>(const E5M2* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, p)), 8));
+}
+// A cache row's 16 values: codes times the row's scale when quantized.
+template <typename K> static inline __m512 kv_row16(const K* p, __mmask16 m, float scale) {
+    if constexpr (Kv<K>::quant) return _mm512_mul_ps(kv_load16<K>(p, m), _mm512_set1_ps(scale));
+    else return kv_load16<K>(p, m);
 }
 
 // Stores 16 (or mask) fp32 values as T.
@@ -847,6 +987,9 @@ struct AttnArgs {
     int64_t window;           // 0 = none
     void* out;                // [T, Hq, D] T
     int64_t out_stride;
+    int kvfmt = KV_PLAIN;     // KvFormat of the caches
+    const void* k_scale = nullptr;  // int8: fp16 [NB, B, Hkv]; fp8: float32 [Hkv]
+    const void* v_scale = nullptr;
 };
 
 static const int64_t CHUNK = 256;  // keys per work item: long sequences split across threads
@@ -885,12 +1028,12 @@ static inline void attn_pv(float* acc, const float* p, const float (*v)[256], in
 }
 #endif
 
-template <typename T>
+template <typename T, typename K>
 static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part) {
     // part: rows r = token * G + g of 2 + D floats: m, l, acc[D]
     const int64_t G = a.hq / a.hkv, D = a.d, R = it.ntok * G, ld = 2 + D;
-    const T* kc = (const T*)a.k_cache;
-    const T* vc = (const T*)a.v_cache;
+    const K* kc = (const K*)a.k_cache;
+    const K* vc = (const K*)a.v_cache;
     const int32_t* table = a.block_tables + (int64_t)it.seq * a.max_blocks;
     const int32_t q0 = a.cu_q[it.seq], q1 = a.cu_q[it.seq + 1], L = a.seq_lens[it.seq];
     alignas(64) float qv[MAXR][256];
@@ -912,6 +1055,7 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
     const __mmask16 tail = (__mmask16)(D % 16 ? (1u << (D % 16)) - 1 : 0xffff);
     alignas(64) float sc[MAXR][KB];
     int64_t rows[KB];  // element offsets of the block's K/V rows
+    float vscale[KB];  // their V scales
     for (int64_t j0 = it.lo; j0 < it.hi; j0 += KB) {
         const int nk = (int)std::min<int64_t>(KB, it.hi - j0);
         int nkr[MAXR];  // keys of this block each row sees (<= 0: none, the block is past it)
@@ -920,9 +1064,12 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
             const int64_t j = j0 + jj;
             const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
             rows[jj] = (slot * a.hkv + h) * D;
-            const T* kr = kc + rows[jj];
+            vscale[jj] = kv_scale<K>(a.v_scale, slot * a.hkv + h, h);
+            const float ks = kv_scale<K>(a.k_scale, slot * a.hkv + h, h);
+            const K* kr = kc + rows[jj];
             __m512 kv[16];
-            for (int64_t v = 0; v < nv; ++v) kv[v] = load16<T>(kr + v * 16, v + 1 < nv ? 0xffff : tail);
+            for (int64_t v = 0; v < nv; ++v)
+                kv[v] = kv_row16<K>(kr + v * 16, v + 1 < nv ? 0xffff : tail, ks);
             for (int64_t r = 0; r < R; ++r) {
                 if (jj >= nkr[r]) continue;
                 __m512 acc = _mm512_setzero_ps();
@@ -954,8 +1101,8 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
         alignas(64) float vs[KB][256];
         for (int jj = 0; jj < nk; ++jj)
             for (int64_t v = 0; v < nv; ++v)
-                _mm512_store_ps(vs[jj] + v * 16,
-                                load16<T>(vc + rows[jj] + v * 16, v + 1 < nv ? 0xffff : tail));
+                _mm512_store_ps(vs[jj] + v * 16, kv_row16<K>(vc + rows[jj] + v * 16,
+                                                             v + 1 < nv ? 0xffff : tail, vscale[jj]));
         for (int64_t r = 0; r < R; ++r) {
             const int nr = nkr[r];
             if (nr <= 0) continue;
@@ -977,9 +1124,11 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
     float kf[256];
     for (int64_t j = it.lo; j < it.hi; ++j) {
         const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
-        const T* kr = kc + (slot * a.hkv + h) * D;
-        const T* vr = vc + (slot * a.hkv + h) * D;
-        for (int64_t i = 0; i < D; ++i) kf[i] = ld<T>(kr, i);
+        const K* kr = kc + (slot * a.hkv + h) * D;
+        const K* vr = vc + (slot * a.hkv + h) * D;
+        const float ks = kv_scale<K>(a.k_scale, slot * a.hkv + h, h);
+        const float vsc = kv_scale<K>(a.v_scale, slot * a.hkv + h, h);
+        for (int64_t i = 0; i < D; ++i) kf[i] = kv_ld<K>(kr, i, ks);
         for (int64_t r = 0; r < R; ++r) {
             if (j >= hi[r]) continue;
             float s = 0.f;
@@ -994,7 +1143,7 @@ static void attn_item(const AttnArgs& a, const Item& it, int64_t h, float* part)
             }
             const float p = std::exp(s - m[r]);
             l[r] += p;
-            for (int64_t i = 0; i < D; ++i) acc[i] += p * ld<T>(vr, i);
+            for (int64_t i = 0; i < D; ++i) acc[i] += p * kv_ld<K>(vr, i, vsc);
         }
     }
 #endif
@@ -1147,12 +1296,12 @@ static inline void tile_pv(float* acc, int64_t ld, const float* c, const float (
 
 // One tile item for KV head h: its rows' m, l and unnormalized V sums over keys [lo, hi)
 // into part (rows of 2 + D floats, token-major then head).
-template <typename T>
+template <typename T, typename K>
 static void attn_tile(const AttnArgs& a, const Item& it, int64_t h, float* part) {
     const int64_t G = a.hq / a.hkv, D = a.d, ld = 2 + D, R = it.ntok * G;
     const int NR = (int)((R + 15) / 16);
-    const T* kc = (const T*)a.k_cache;
-    const T* vc = (const T*)a.v_cache;
+    const K* kc = (const K*)a.k_cache;
+    const K* vc = (const K*)a.v_cache;
     const int32_t* table = a.block_tables + (int64_t)it.seq * a.max_blocks;
     const int32_t q0 = a.cu_q[it.seq], q1 = a.cu_q[it.seq + 1], L = a.seq_lens[it.seq];
     alignas(64) float qt[256][TROWS];
@@ -1186,10 +1335,12 @@ static void attn_tile(const AttnArgs& a, const Item& it, int64_t h, float* part)
             const int64_t j = j0 + jj;
             const int64_t slot = (int64_t)table[j / a.block_size] * a.block_size + j % a.block_size;
             const int64_t row = (slot * a.hkv + h) * D;
+            const float ks = kv_scale<K>(a.k_scale, slot * a.hkv + h, h);
+            const float vsc = kv_scale<K>(a.v_scale, slot * a.hkv + h, h);
             for (int64_t v = 0; v < nv; ++v) {
                 const __mmask16 mk = v + 1 < nv ? 0xffff : tail;
-                _mm512_store_ps(kb[jj] + v * 16, load16<T>(kc + row + v * 16, mk));
-                _mm512_store_ps(vb[jj] + v * 16, load16<T>(vc + row + v * 16, mk));
+                _mm512_store_ps(kb[jj] + v * 16, kv_row16<K>(kc + row + v * 16, mk, ks));
+                _mm512_store_ps(vb[jj] + v * 16, kv_row16<K>(vc + row + v * 16, mk, vsc));
             }
         }
         if (NR == 1) tile_qk<1>(qt, kb, D, sc);
@@ -1254,7 +1405,7 @@ static void attn_tile(const AttnArgs& a, const Item& it, int64_t h, float* part)
 }
 #endif
 
-template <typename T>
+template <typename T, typename K>
 static void attention_body(Pool& p, const AttnArgs& a, const AttnPlan& pl, float* part) {
     const int64_t G = a.hq / a.hkv, D = a.d, per = G * (2 + D);
     const int64_t ni = (int64_t)pl.items.size();
@@ -1262,12 +1413,12 @@ static void attention_body(Pool& p, const AttnArgs& a, const AttnPlan& pl, float
         const int64_t i = w / a.hkv, h = w % a.hkv;
         if (i < ni) {
             const Item& it = pl.items[i];
-            attn_item<T>(a, it, h, part + it.part + h * it.ntok * per);
+            attn_item<T, K>(a, it, h, part + it.part + h * it.ntok * per);
             return;
         }
 #if defined(__AVX512F__)
         const Item& ti = pl.tiles[i - ni];
-        attn_tile<T>(a, ti, h, part + ti.part + h * ti.ntok * per);
+        attn_tile<T, K>(a, ti, h, part + ti.part + h * ti.ntok * per);
 #endif
     });
     // Merge each token's key chunks (one chunk for all but long sequences).
@@ -1297,13 +1448,24 @@ static void attention_body(Pool& p, const AttnArgs& a, const AttnPlan& pl, float
     });
 }
 
+// attention_body for the caches' format.
+template <typename T>
+static void attention_run(Pool& p, const AttnArgs& a, const AttnPlan& pl, float* part) {
+    switch (a.kvfmt) {
+        case KV_INT8: attention_body<T, int8_t>(p, a, pl, part); break;
+        case KV_E4M3: attention_body<T, E4M3>(p, a, pl, part); break;
+        case KV_E5M2: attention_body<T, E5M2>(p, a, pl, part); break;
+        default: attention_body<T, T>(p, a, pl, part);
+    }
+}
+
 template <typename T>
 static int attention(Pool& p, const AttnArgs& a) {
     if (a.d > 256 || a.hq / a.hkv > MAXG) return 1;
     AttnPlan pl;
     attn_plan(a, p.nthreads, pl);
     std::vector<float> part(pl.part_size);
-    attention_body<T>(p, a, pl, part.data());
+    attention_run<T>(p, a, pl, part.data());
     return 0;
 }
 
@@ -1313,10 +1475,11 @@ static int attention(Pool& p, const AttnArgs& a) {
 // P_S*: the scales of int8 / int4 weights (WRef), else 0; P_F*: their WFormat (bits).
 enum LayerPtr { P_LN1, P_WQKV, P_BQKV, P_QNORM, P_KNORM, P_WO, P_LN2, P_WGU, P_WDOWN,
                 P_KCACHE, P_VCACHE, P_SQKV, P_SO, P_SGU, P_SDOWN, P_FQKV, P_FO, P_FGU, P_FDOWN,
+                P_KSCALE, P_VSCALE,  // a quantized cache's scales (AttnArgs), else 0
                 P_COUNT };
 // Model dims, in this order.
 enum Dim { D_LAYERS, D_HIDDEN, D_HQ, D_HKV, D_HEADDIM, D_INTER, D_BLOCK, D_MAXBLOCKS,
-           D_ROPE_POS, D_COUNT };
+           D_ROPE_POS, D_KVFMT, D_COUNT };
 
 template <typename T>
 static void rmsnorm_rows(const float* x, const T* w, T* y, int64_t M, int64_t H, float eps) {
@@ -1366,6 +1529,7 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
     a.max_blocks = dims[D_MAXBLOCKS]; a.cu_q = cu_q; a.seq_lens = seq_lens;
     a.num_seqs = num_seqs; a.num_tokens = M; a.hq = HQ; a.hkv = HKV; a.d = D; a.block_size = B;
     a.scale = 1.f / std::sqrt((float)D); a.out = h.data(); a.out_stride = HQ * D;
+    a.kvfmt = (int)dims[D_KVFMT];
     // The key ranges depend on the window, which may differ per layer (Mistral/Qwen2 mixes).
     AttnPlan plan;
     std::vector<float> part;
@@ -1381,6 +1545,8 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
         }
         a.k_cache = (const void*)P[P_KCACHE];
         a.v_cache = (const void*)P[P_VCACHE];
+        a.k_scale = (const void*)P[P_KSCALE];
+        a.v_scale = (const void*)P[P_VSCALE];
         T* kc = (T*)P[P_KCACHE];
         T* vc = (T*)P[P_VCACHE];
         // Small per-token work (norms, RoPE, the cache write) runs on the calling thread:
@@ -1399,13 +1565,27 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
                 rope(v, c, s, D);
             }
             const int64_t slot = slots[t];
-            for (int64_t i = 0; i < HKV * D; ++i) {
-                kc[slot * HKV * D + i] = st<T>(row[HQ * D + i]);
-                vc[slot * HKV * D + i] = st<T>(row[(HQ + HKV) * D + i]);
+            if (a.kvfmt == KV_PLAIN) {
+                for (int64_t i = 0; i < HKV * D; ++i) {
+                    kc[slot * HKV * D + i] = st<T>(row[HQ * D + i]);
+                    vc[slot * HKV * D + i] = st<T>(row[(HQ + HKV) * D + i]);
+                }
+                continue;
             }
+            // quantized from the values T would have stored (kernels/kvquant.py)
+            float x[256];
+            for (int64_t hh = 0; hh < HKV; ++hh)
+                for (int kv = 0; kv < 2; ++kv) {
+                    const float* src = row + (HQ + kv * HKV + hh) * D;
+                    for (int64_t i = 0; i < D; ++i) x[i] = rounded<T>(src[i]);
+                    const int64_t sp = kv ? P_VSCALE : P_KSCALE;
+                    store_kv_row(a.kvfmt, (void*)P[kv ? P_VCACHE : P_KCACHE], (void*)P[sp],
+                                 a.kvfmt == KV_INT8 ? 0.f : ((const float*)P[sp])[hh],
+                                 (slot * HKV + hh) * D, x, D);
+                }
         }
-        // The K/V just stored are read back through the cache (as T), like every key.
-        attention_body<T>(p, a, plan, part.data());
+        // The K/V just stored are read back through the cache, like every key.
+        attention_run<T>(p, a, plan, part.data());
         linear<T>(p, h.data(), {(const void*)P[P_WO], (const void*)P[P_SO], P[P_FO]}, (const T*)nullptr,
                   resid.data(), M, H, HQ * D,
                   H, OUT_ADD_F32);
@@ -1544,13 +1724,28 @@ int kvs_paged_attention(int dtype, const void* q, int64_t q_stride, const void* 
                         const int32_t* cu_q, const int32_t* seq_lens, int64_t num_seqs,
                         int64_t num_tokens, int64_t hq, int64_t hkv, int64_t d,
                         int64_t block_size, float scale, int64_t window, void* out,
-                        int nthreads) {
+                        int nthreads, int kvfmt, const void* k_scale, const void* v_scale) {
     std::lock_guard<std::mutex> lock(pool_mutex);
     Pool& p = pool(nthreads);
     AttnArgs a{(const float*)q, q_stride, k_cache, v_cache, block_tables, max_blocks, cu_q,
                seq_lens, num_seqs, num_tokens, hq, hkv, d, block_size, scale, window, out,
-               hq * d};
+               hq * d, kvfmt, k_scale, v_scale};
     return dtype == 0 ? attention<float>(p, a) : attention<bf16>(p, a);
+}
+
+// Rows x [n, D] of the model's dtype quantized as the cache stores them (kvfmt): codes [n, D]
+// bytes; int8 writes a fp16 scale per row into scales [n], fp8 divides by head_scales [n].
+int kvs_quantize_rows(int dtype, int kvfmt, const void* x, int64_t n, int64_t D, void* codes,
+                      void* scales, const float* head_scales) {
+    if (D > 256 || kvfmt == KV_PLAIN) return 1;
+    float v[256];
+    for (int64_t r = 0; r < n; ++r) {
+        for (int64_t i = 0; i < D; ++i)
+            v[i] = dtype == 0 ? ((const float*)x)[r * D + i] : bf2f(((const bf16*)x)[r * D + i]);
+        store_kv_row(kvfmt, codes, (void*)((uint16_t*)scales), kvfmt == KV_INT8 ? 0.f
+                     : head_scales[r], r * D, v, D);
+    }
+    return 0;
 }
 
 int kvs_forward(int dtype, const int64_t* dims, const int64_t* layer_ptrs, const int64_t* windows,
