@@ -17,6 +17,13 @@ Same signatures and semantics as `kernels.reference` (the torch oracle):
       writes lse = -inf and is ignored by the merge.
 * `store_kv` - one program per new token; slots < 0 are skipped.
 
+Quantized caches (kernels/kvquant.py; the cache dtype tells, constexpr KV_QUANT): int8 codes
+with a fp16 scale per (slot, KV head), or fp8 e4m3fn / e5m2 codes with a fp32 scale per KV head.
+Both attention kernels load the codes (and int8 row scales) and dequantize each K/V tile to
+fp32 in registers, rounded to q's dtype for the dots, which is exactly what the oracle computes
+on its gathered rows; `store_kv` quantizes in the kernel, bit for bit like the oracle.  fp8 goes
+through the kernels as raw bytes and is decoded / encoded with integer ops (see `_fp8_to_f32`).
+
 Keys outside the window are never loaded (loop bounds start at the tile that holds the first
 live key, and loads are masked below it), so blocks freed by sliding-window eviction may hold
 anything.  Softmax runs in fp32 in base 2 with scale * log2(e) folded into the scores; fp32
@@ -33,19 +40,94 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
+# KV_QUANT: how the caches hold K/V
+KV_PLAIN = tl.constexpr(0)   # the model dtype
+KV_INT8 = tl.constexpr(1)    # int8 codes, a fp16 scale per (slot, KV head) beside them
+KV_E4M3 = tl.constexpr(2)    # float8_e4m3fn codes (passed as uint8), a fp32 scale per KV head
+KV_E5M2 = tl.constexpr(3)    # float8_e5m2 codes (passed as uint8), a fp32 scale per KV head
+_KV_QUANT = {torch.int8: KV_INT8.value, torch.float8_e4m3fn: KV_E4M3.value,
+             torch.float8_e5m2: KV_E5M2.value}
+
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _fp8_to_f32(code, KV_QUANT: tl.constexpr):
+    """fp8 code bytes (uint8) -> fp32, exact for all 256 codes, NaN and inf included.  Integer
+    ops and a fp16 bitcast rather than Triton's fp8 casts: the interpreter decodes e4m3 NaN as
+    480 and e5m2 inf/NaN as finite, so a NaN-poisoned block would not show there; this runs
+    the same under the interpreter and on any GPU.  e4m3 comes out 2^-8 times its value
+    (callers fold the 2^8 into the head scale: a power of two, so the product is unchanged)."""
+    b = code.to(tl.uint16)
+    if KV_QUANT == KV_E4M3:
+        # S.EEEE.MMM placed at fp16 bits 15 and 13..7 reads with exponent bias 15 instead of 7;
+        # e4m3 subnormals land on fp16 subnormals, which no GPU flushes.  No inf: x.1111.111 is NaN.
+        h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+        x = h.to(tl.float16, bitcast=True).to(tl.float32)
+        return tl.where((b & 0x7F) == 0x7F, float("nan"), x)
+    else:
+        # e5m2 is the upper byte of a fp16, inf and NaN included
+        return (b << 8).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f32_to_fp8(y, KV_QUANT: tl.constexpr):
+    """fp32 within the format's finite range (callers clamp) -> fp8 code bytes (uint8), rounded
+    to nearest even like torch's .to(float8); NaN -> S.1111.111 like torch.  Integer ops: the
+    interpreter's fp32 -> fp8 cast rounds ties away from even, so the codes would differ there."""
+    bits = y.to(tl.uint32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    sign = (bits >> 24) & 0x80
+    if KV_QUANT == KV_E4M3:
+        # normals: round the 23 mantissa bits to 3 (ties to even; a carry rolls into the
+        # exponent), then rebias the exponent from 127 to 7
+        code = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)
+        # below 2^-6 the codes step by 2^-9, the ulp of 2^14: the fp32 add rounds |y| to a
+        # multiple of it, and the bit patterns differ by the code (8 = 2^-6 when it rounds up)
+        sub = (tl.abs(y) + 16384.0).to(tl.uint32, bitcast=True) - 0x46800000
+        code = tl.where(mag < 0x3C800000, sub, code)
+    else:
+        code = ((mag + 0xFFFFF + ((mag >> 21) & 1)) >> 21) - (112 << 2)
+        sub = (tl.abs(y) + 128.0).to(tl.uint32, bitcast=True) - 0x43000000   # step 2^-16
+        code = tl.where(mag < 0x38800000, sub, code)                           # below 2^-14
+    code = tl.where(mag > 0x7F800000, 0x7F, code)
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _dequant_tiles(k_t, v, ks, vs, k_mul, v_mul, out_dtype, KV_QUANT: tl.constexpr):
+    """Codes -> values in fp32, rounded to the model dtype: K^T [D, N] and V [N, D] with int8
+    row scales ks / vs [N] (fp16) or fp8 head scales k_mul / v_mul (fp32, e4m3's x 2^8)."""
+    if KV_QUANT == KV_INT8:
+        k_t = k_t.to(tl.float32) * ks.to(tl.float32)[None, :]
+        v = v.to(tl.float32) * vs.to(tl.float32)[:, None]
+    else:
+        k_t = _fp8_to_f32(k_t, KV_QUANT) * k_mul
+        v = _fp8_to_f32(v, KV_QUANT) * v_mul
+    return k_t.to(out_dtype), v.to(out_dtype)
+
+
+@triton.jit
+def _fp8_head_scale(scale_ptr, KV_QUANT: tl.constexpr):
+    s = tl.load(scale_ptr)
+    if KV_QUANT == KV_E4M3:
+        s = s * 256.0          # _fp8_to_f32 reads e4m3 at 2^-8 of its value
+    return s
+
+
+@triton.jit
 def _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi, kv_table_row,
                   k_base, v_base, stride_kb, stride_ko, stride_vb, stride_vo,
+                  ks_base, vs_base, stride_ksb, stride_kso, stride_vsb, stride_vso, k_mul, v_mul,
                   d, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                   HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     """One KV tile [n0, n0 + BLOCK_N) of the online softmax.  MASKED=False is only used for
-    tiles that every row may see in full (no causal, window or range mask needed)."""
+    tiles that every row may see in full (no causal, window or range mask needed).  Quantized
+    caches: ks_base / vs_base point at this head's int8 row scales, k_mul / v_mul are the fp8
+    head scales (see _dequant_tiles); unused ones are None."""
     j = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         kv_ok = (j >= lo) & (j < hi)
@@ -69,6 +151,17 @@ def _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi, kv_table_
         else:
             k_t = tl.load(k_ptrs, mask=d[:, None] < HEAD_DIM, other=0.0)
             v = tl.load(v_ptrs, mask=d[None, :] < HEAD_DIM, other=0.0)
+    ks = None
+    vs = None
+    if KV_QUANT == KV_INT8:
+        if MASKED:
+            ks = tl.load(ks_base + blk * stride_ksb + off * stride_kso, mask=kv_ok, other=0.0)
+            vs = tl.load(vs_base + blk * stride_vsb + off * stride_vso, mask=kv_ok, other=0.0)
+        else:
+            ks = tl.load(ks_base + blk * stride_ksb + off * stride_kso)
+            vs = tl.load(vs_base + blk * stride_vsb + off * stride_vso)
+    if KV_QUANT != KV_PLAIN:
+        k_t, v = _dequant_tiles(k_t, v, ks, vs, k_mul, v_mul, q.dtype, KV_QUANT)
 
     s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale          # [ROWS, BLOCK_N], log2
     if MASKED:
@@ -90,9 +183,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
                     seq_lens_ptr, tile_seq_ptr, tile_start_ptr, qk_scale, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                    k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh,
+                    stride_vsb, stride_vso, stride_vsh,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    KV_QUANT: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -140,21 +236,38 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, 
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kvh * stride_kh
     v_base = v_cache_ptr + kvh * stride_vh
+    # this head's int8 row-scale bases or fp8 head scales (a jit function cannot return None)
+    ks_base = k_scale_ptr
+    vs_base = v_scale_ptr
+    k_mul = None
+    v_mul = None
+    if KV_QUANT == KV_INT8:
+        ks_base += kvh * stride_ksh
+        vs_base += kvh * stride_vsh
+    elif KV_QUANT != KV_PLAIN:
+        k_mul = _fp8_head_scale(k_scale_ptr + kvh * stride_ksh, KV_QUANT)
+        v_mul = _fp8_head_scale(v_scale_ptr + kvh * stride_vsh, KV_QUANT)
     for n0 in range(a, b, BLOCK_N):
         acc, m_i, l_i = _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi,
                                       table_row, k_base, v_base, stride_kb, stride_ko,
-                                      stride_vb, stride_vo, d, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
-                                      HEAD_DIM_PAD, True, USE_WINDOW, PRECISION)
+                                      stride_vb, stride_vo, ks_base, vs_base, stride_ksb,
+                                      stride_kso, stride_vsb, stride_vso, k_mul, v_mul, d,
+                                      BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True,
+                                      USE_WINDOW, PRECISION, KV_QUANT)
     for n0 in range(b, c, BLOCK_N):
         acc, m_i, l_i = _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi,
                                       table_row, k_base, v_base, stride_kb, stride_ko,
-                                      stride_vb, stride_vo, d, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
-                                      HEAD_DIM_PAD, False, USE_WINDOW, PRECISION)
+                                      stride_vb, stride_vo, ks_base, vs_base, stride_ksb,
+                                      stride_kso, stride_vsb, stride_vso, k_mul, v_mul, d,
+                                      BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False,
+                                      USE_WINDOW, PRECISION, KV_QUANT)
     for n0 in range(c, hi, BLOCK_N):
         acc, m_i, l_i = _prefill_step(acc, m_i, l_i, q, qk_scale, window, pos, n0, lo, hi,
                                       table_row, k_base, v_base, stride_kb, stride_ko,
-                                      stride_vb, stride_vo, d, BLOCK_N, BLOCK_SIZE, HEAD_DIM,
-                                      HEAD_DIM_PAD, True, USE_WINDOW, PRECISION)
+                                      stride_vb, stride_vo, ks_base, vs_base, stride_ksb,
+                                      stride_kso, stride_vsb, stride_vso, k_mul, v_mul, d,
+                                      BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True,
+                                      USE_WINDOW, PRECISION, KV_QUANT)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
@@ -167,10 +280,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
                    block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, qk_scale, window, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+                   k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh,
+                   stride_vsb, stride_vso, stride_vsh,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -201,6 +316,17 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kvh * stride_kh
     v_base = v_cache_ptr + kvh * stride_vh
+    # this head's int8 row-scale bases or fp8 head scales (a jit function cannot return None)
+    ks_base = k_scale_ptr
+    vs_base = v_scale_ptr
+    k_mul = None
+    v_mul = None
+    if KV_QUANT == KV_INT8:
+        ks_base += kvh * stride_ksh
+        vs_base += kvh * stride_vsh
+    elif KV_QUANT != KV_PLAIN:
+        k_mul = _fp8_head_scale(k_scale_ptr + kvh * stride_ksh, KV_QUANT)
+        v_mul = _fp8_head_scale(v_scale_ptr + kvh * stride_vsh, KV_QUANT)
     for n0 in range(s_lo, s_hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         kv_ok = (j >= lo) & (j < s_hi)          # causal limit and window in one range
@@ -210,6 +336,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_
                       mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + blk[:, None] * stride_vb + off[:, None] * stride_vo + d[None, :],
                     mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_QUANT != KV_PLAIN:
+            ks = None
+            vs = None
+            if KV_QUANT == KV_INT8:
+                ks = tl.load(ks_base + blk * stride_ksb + off * stride_kso, mask=kv_ok, other=0.0)
+                vs = tl.load(vs_base + blk * stride_vsb + off * stride_vso, mask=kv_ok, other=0.0)
+            k_t, v = _dequant_tiles(k_t, v, ks, vs, k_mul, v_mul, q.dtype, KV_QUANT)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
         s = tl.where(kv_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -261,11 +394,43 @@ def _merge_kernel(out_ptr, part_out_ptr, part_lse_ptr, cu_seqlens_q_ptr, num_spl
 
 
 @triton.jit
+def _quantize_rows(x, mask, head_ok, codes_ptrs, scale_ptrs, KV_QUANT: tl.constexpr):
+    """Store x [HEADS_PAD, HEAD_DIM_PAD] (model dtype, one token's heads) as codes, the oracle's
+    kvquant.quantize bit for bit.  int8: scale_ptrs [HEADS_PAD] receive the row scales; fp8:
+    they hold the head scales.  Divisions are IEEE (div_rn): a plain '/' may lower to an
+    approximate division on the GPU, and x * (1 / s) rounds differently."""
+    x = x.to(tl.float32)
+    if KV_QUANT == KV_INT8:
+        amax = tl.max(tl.where(mask, tl.abs(x), 0.0), 1)
+        scale = tl.math.div_rn(amax, 127.0).to(tl.float16)
+        s = scale.to(tl.float32)
+        # s == 0 only for rows with max|x| <= 127 * 2^-25, whose x / 1 rounds to code 0 anyway
+        y = tl.math.div_rn(x, tl.where(s > 0.0, s, 1.0)[:, None])
+        # clamping first gives the same integers and keeps |y| <= 127; adding 2^23 (ulp 1)
+        # rounds |y| to an integer, ties to even, and the bit patterns differ by that integer
+        a = tl.minimum(tl.abs(y), 127.0)
+        n = (a + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+        tl.store(codes_ptrs, tl.where(y < 0.0, -n, n).to(tl.int8), mask=mask)
+        tl.store(scale_ptrs, scale, mask=head_ok)
+    else:
+        head_scale = tl.load(scale_ptrs, mask=head_ok, other=1.0)
+        y = tl.math.div_rn(x, head_scale[:, None])
+        if KV_QUANT == KV_E4M3:
+            y = tl.clamp(y, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            y = tl.clamp(y, -57344.0, 57344.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(codes_ptrs, _f32_to_fp8(y, KV_QUANT), mask=mask)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_ckb, stride_cko, stride_ckh, stride_cvb, stride_cvo, stride_cvh,
+                     k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh,
+                     stride_vsb, stride_vso, stride_vsh,
                      NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                     HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     KV_QUANT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     ok = slot >= 0
@@ -277,10 +442,25 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     mask = (h < tl.where(ok, NUM_HEADS, 0))[:, None] & (d < HEAD_DIM)[None, :]
     k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(k_cache_ptr + blk * stride_ckb + off * stride_cko + h[:, None] * stride_ckh
-             + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + blk * stride_cvb + off * stride_cvo + h[:, None] * stride_cvh
-             + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if KV_QUANT == KV_PLAIN:
+        tl.store(k_cache_ptr + blk * stride_ckb + off * stride_cko + h[:, None] * stride_ckh
+                 + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + blk * stride_cvb + off * stride_cvo + h[:, None] * stride_cvh
+                 + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    else:
+        k_dst = (k_cache_ptr + blk * stride_ckb + off * stride_cko + h[:, None] * stride_ckh
+                 + d[None, :])
+        v_dst = (v_cache_ptr + blk * stride_cvb + off * stride_cvo + h[:, None] * stride_cvh
+                 + d[None, :])
+        head_ok = h < tl.where(ok, NUM_HEADS, 0)
+        if KV_QUANT == KV_INT8:    # the row scales sit at the slot, like the codes
+            k_sc = k_scale_ptr + blk * stride_ksb + off * stride_kso + h * stride_ksh
+            v_sc = v_scale_ptr + blk * stride_vsb + off * stride_vso + h * stride_vsh
+        else:                      # one scale per head, read
+            k_sc = k_scale_ptr + h * stride_ksh
+            v_sc = v_scale_ptr + h * stride_vsh
+        _quantize_rows(k, mask, head_ok, k_dst, k_sc, KV_QUANT)
+        _quantize_rows(v, mask, head_ok, v_dst, v_sc, KV_QUANT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +473,38 @@ def _pow2(n: int) -> int:
 
 def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+_NO_SCALES = dict(k_scale_ptr=None, v_scale_ptr=None, stride_ksb=None, stride_kso=None,
+                  stride_ksh=None, stride_vsb=None, stride_vso=None, stride_vsh=None)
+
+
+def _kv_format(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale):
+    """(KV_QUANT, caches as the kernels take them, scale kernel arguments).  fp8 caches go in as
+    uint8 views (decoded in the kernels, see _fp8_to_f32); the plain format passes None scale
+    arguments, so its kernels compile as they did before quantized caches existed."""
+    assert k_cache.dtype == v_cache.dtype, "K and V caches must share a dtype"
+    kind = _KV_QUANT.get(k_cache.dtype, KV_PLAIN.value)
+    if kind == KV_PLAIN.value:
+        return kind, k_cache, v_cache, _NO_SCALES
+    assert k_scale is not None and v_scale is not None, \
+        f"a {k_cache.dtype} KV cache needs k_scale and v_scale"
+    if kind == KV_INT8.value:
+        for t in (k_scale, v_scale):     # [N, B, Hkv] fp16, the codes' paged layout
+            assert t.dtype == torch.float16 and t.shape == k_cache.shape[:3], \
+                "int8 KV scales: float16 [num_blocks, block_size, num_kv_heads]"
+        return kind, k_cache, v_cache, dict(
+            k_scale_ptr=k_scale, v_scale_ptr=v_scale, stride_ksb=k_scale.stride(0),
+            stride_kso=k_scale.stride(1), stride_ksh=k_scale.stride(2),
+            stride_vsb=v_scale.stride(0), stride_vso=v_scale.stride(1),
+            stride_vsh=v_scale.stride(2))
+    k_scale = k_scale.to(torch.float32)  # no copy when already fp32 (the pool's scales are)
+    v_scale = v_scale.to(torch.float32)
+    assert k_scale.shape == v_scale.shape == k_cache.shape[2:3], \
+        "fp8 KV scales: one per KV head, [num_kv_heads]"
+    return kind, k_cache.view(torch.uint8), v_cache.view(torch.uint8), dict(
+        _NO_SCALES, k_scale_ptr=k_scale, v_scale_ptr=v_scale, stride_ksh=k_scale.stride(0),
+        stride_vsh=v_scale.stride(0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,11 +554,15 @@ def _decode_num_splits(num_seqs: int, num_kv_heads: int, max_keys: int, block_n:
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                table_keys: int, sliding_window: int | None, device: torch.device):
+                table_keys: int, sliding_window: int | None, device: torch.device,
+                kv_dtype: torch.dtype | None = None):
     """(KV tile, number of splits) of the decode kernel.  table_keys = block-table width x block
-    size bounds every context in the batch; with a window only ~window keys are read."""
+    size bounds every context in the batch; with a window only ~window keys are read.  kv_dtype:
+    the caches' dtype when it is not the model dtype `dtype`."""
     head_dim_pad = max(16, _pow2(head_dim))
     block_n = 32 if dtype == torch.float32 else 64 if head_dim_pad >= 128 else 128
+    if kv_dtype == torch.int8 and head_dim_pad >= 256:
+        block_n = 32   # 64 fp32-dequantized rows plus their scales spill (ptxas, sm_90)
     max_keys = table_keys if sliding_window is None else min(table_keys, sliding_window + block_n)
     return block_n, _decode_num_splits(num_seqs, num_kv_heads, max_keys, block_n, device)
 
@@ -372,9 +588,12 @@ def _tile_map(cu_seqlens_q: torch.Tensor, num_tokens: int, block_m: int):
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                     *, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; caches: [N, B, Hkv, D]; block_tables int32 [S, max_blocks];
     cu_seqlens_q int32 [S + 1]; seq_lens int32 [S] -> [T, Hq, D] (q's dtype; `out` if given).
+    Quantized caches (int8, float8_e4m3fn, float8_e5m2) need their scales: int8 float16
+    [N, B, Hkv], fp8 float32 [Hkv] (kernels/kvquant.py).
 
     The decode kernel is chosen when T == S, which assumes one query per sequence
     (cu_seqlens_q == arange(S + 1)); anything else goes through the prefill kernel."""
@@ -391,6 +610,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q = _inner_contiguous(q)
     k_cache = _inner_contiguous(k_cache)
     v_cache = _inner_contiguous(v_cache)
+    kv_quant, k_cache, v_cache, scale_args = _kv_format(k_cache, v_cache, k_scale, v_scale)
     block_tables = block_tables.to(torch.int32)
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()
@@ -410,11 +630,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                    stride_kb=k_cache.stride(0), stride_ko=k_cache.stride(1),
                    stride_kh=k_cache.stride(2), stride_vb=v_cache.stride(0),
                    stride_vo=v_cache.stride(1), stride_vh=v_cache.stride(2),
-                   stride_bt=block_tables.stride(0))
+                   stride_bt=block_tables.stride(0), **scale_args)
 
     if num_tokens == num_seqs:
         _decode(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, qk_scale,
-                window, use_window, group, head_dim_pad, precision, strides)
+                window, use_window, group, head_dim_pad, precision, strides, kv_quant)
         return out
 
     block_m, rows, block_n, num_warps, num_stages = _prefill_config(
@@ -426,7 +646,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tile_seq_ptr=tile_seq, tile_start_ptr=tile_start, qk_scale=qk_scale, window=window,
         **strides, GROUP=group, BLOCK_M=block_m, ROWS=rows, HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        USE_WINDOW=use_window, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        USE_WINDOW=use_window, PRECISION=precision, KV_QUANT=kv_quant, num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
@@ -441,13 +662,13 @@ def _alloc_partials(num_seqs: int, num_q_heads: int, num_splits: int, head_dim_p
 
 
 def _decode(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, qk_scale, window,
-            use_window, group, head_dim_pad, precision, strides):
+            use_window, group, head_dim_pad, precision, strides, kv_quant):
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     wide = q.dtype == torch.float32
     block_n, num_splits = decode_plan(num_seqs, num_kv_heads, head_dim, q.dtype,
                                       block_tables.shape[1] * block_size,
-                                      window if use_window else None, q.device)
+                                      window if use_window else None, q.device, k_cache.dtype)
     direct = num_splits == 1
     if direct:   # the kernel writes `out` itself; the partial buffers are never touched
         part_out = part_lse = out
@@ -460,8 +681,10 @@ def _decode(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, qk_s
         seq_lens_ptr=seq_lens, qk_scale=qk_scale, window=window, num_splits=num_splits,
         **strides, NUM_Q_HEADS=num_q_heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        USE_WINDOW=use_window, DIRECT=direct, PRECISION=precision,
-        num_warps=4, num_stages=2 if wide else 3)
+        USE_WINDOW=use_window, DIRECT=direct, PRECISION=precision, KV_QUANT=kv_quant,
+        # int8 at 3 stages keeps the in-flight row scales in registers: ~250 of them at
+        # head_dim 128, spills at 256 (ptxas, sm_90)
+        num_warps=4, num_stages=2 if wide or kv_quant == KV_INT8.value else 3)
     if not direct:
         _merge_kernel[(num_seqs, num_q_heads)](
             out_ptr=out, part_out_ptr=part_out, part_lse_ptr=part_lse,
@@ -472,9 +695,12 @@ def _decode(q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, qk_s
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """k, v: [T, Hkv, D]; caches: [N, B, Hkv, D]; slot_mapping [T] (slot = block * B + offset).
-    Writes row slot of the caches for every token; tokens with slot < 0 are skipped."""
+    Writes row slot of the caches for every token; tokens with slot < 0 are skipped.  Quantized
+    caches store codes (kernels/kvquant.py): int8 also writes the row scales into k_scale /
+    v_scale [N, B, Hkv] at the slot, fp8 divides by the per-head k_scale / v_scale [Hkv]."""
     num_tokens, num_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -483,11 +709,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v = _inner_contiguous(v)
     slot_mapping = slot_mapping.contiguous()
     block_size = k_cache.shape[1]
+    kv_quant, k_cache, v_cache, scale_args = _kv_format(k_cache, v_cache, k_scale, v_scale)
     _store_kv_kernel[(num_tokens,)](
         k_ptr=k, v_ptr=v, k_cache_ptr=k_cache, v_cache_ptr=v_cache, slot_ptr=slot_mapping,
         stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0),
         stride_vh=v.stride(1), stride_ckb=k_cache.stride(0), stride_cko=k_cache.stride(1),
         stride_ckh=k_cache.stride(2), stride_cvb=v_cache.stride(0), stride_cvo=v_cache.stride(1),
         stride_cvh=v_cache.stride(2), NUM_HEADS=num_heads, HEADS_PAD=_pow2(num_heads),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=block_size,
-        num_warps=1 if num_heads * head_dim <= 1024 else 4)
+        **scale_args, HEAD_DIM=head_dim, HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=block_size,
+        KV_QUANT=kv_quant, num_warps=1 if num_heads * head_dim <= 1024 else 4)
