@@ -125,7 +125,7 @@ def main() -> int:
             m = engine.config.model
             _, meta_in, meta, _ = runner.prepare(long_seq, [1])
             q = torch.randn(1, m.num_heads, m.head_dim, dtype=engine.config.dtype)
-            kc, vc = runner.kv_caches[0]
+            kc, vc = runner.kv_caches[0][:2]
             ta = timeit(lambda: cpu.paged_attention(q, kc, vc, meta.block_tables,
                                                     meta.cu_seqlens_q, meta.seq_lens,
                                                     m.head_dim ** -0.5), args.reps) * m.num_layers

@@ -26,10 +26,12 @@ class AttentionMetadata:
     backend: str = "torch"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               kv_cache: tuple[torch.Tensor, ...], scale: float,
                sliding_window: int | None) -> torch.Tensor:
-        # q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, B, Hkv, D] -> [T, Hq, D]
+        # q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: the layer's (k_cache, v_cache) [N, B,
+        # Hkv, D], and their scales when quantized (kernels/kvquant.py) -> [T, Hq, D]
         attention, store = BACKENDS[self.backend]
-        store(k, v, k_cache, v_cache, self.slot_mapping)
+        k_cache, v_cache, *scales = kv_cache
+        store(k, v, k_cache, v_cache, self.slot_mapping, *scales)
         return attention(q, k_cache, v_cache, self.block_tables, self.cu_seqlens_q,
-                         self.seq_lens, scale, sliding_window)
+                         self.seq_lens, scale, sliding_window, *scales)

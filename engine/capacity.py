@@ -15,6 +15,7 @@ import torch
 from engine.block_manager import ADMISSION_WATERMARK, blocks_spanning
 from engine.config import EngineConfig, ModelConfig, parse_size, resolve_device, resolve_dtype
 from engine.loader import GGUFHeader, ModelSource, hf_config, resolve_model
+from kernels import kvquant
 
 DEFAULT_CPU_KV_MEMORY = "1GiB"
 GPU_MEMORY_UTILIZATION = 0.9
@@ -34,11 +35,12 @@ def default_kv_budget(device: torch.device, reserved: int = 0) -> int:
 
 
 def blocks_for_budget(model: ModelConfig, dtype: torch.dtype, device: torch.device,
-                      block_size: int, budget: int | str | None) -> int:
+                      block_size: int, budget: int | str | None,
+                      kv_cache_dtype: str = "auto") -> int:
     """KV blocks that fit the budget (bytes or '2GiB'; None = the device default), at least 2."""
     if budget is None:
         budget = default_kv_budget(device)
-    per_block = model.kv_bytes_per_token(dtype) * block_size
+    per_block = model.kv_bytes_per_token(dtype, kv_cache_dtype) * block_size
     return max(2, math.floor(parse_size(budget) / per_block))
 
 
@@ -92,6 +94,7 @@ class CapacityPlan:
     max_num_seqs: int | None = None
     kv_budget: int | None = None    # bytes the blocks were sized for; None if blocks were given
     model_name: str = "model"
+    kv_cache_dtype: str = "auto"    # kernels/kvquant.py: the model dtype, int8 or fp8 codes
 
     def __post_init__(self):
         for name in ("block_size", "max_model_len", "seq_len", "max_num_batched_tokens"):
@@ -123,12 +126,22 @@ class CapacityPlan:
     # KV per token: 2 (K and V) x head_dim x n_kv_heads x n_layers x bytes
     @cached_property
     def kv_bytes_per_token(self) -> int:
+        return self.model.kv_bytes_per_token(self.dtype, self.kv_cache_dtype)
+
+    @cached_property
+    def unquantized_kv_bytes_per_token(self) -> int:
+        """The same in the model dtype (kv_cache_dtype auto)."""
         return self.model.kv_bytes_per_token(self.dtype)
+
+    @property
+    def kv_quant_saving(self) -> float:
+        """Tokens per byte against the model dtype's cache (1.0 unquantized)."""
+        return self.unquantized_kv_bytes_per_token / self.kv_bytes_per_token
 
     @cached_property
     def mha_kv_bytes_per_token(self) -> int:
-        m = self.model
-        return 2 * m.head_dim * m.num_heads * m.num_layers * self.dtype.itemsize
+        m = self.model  # every term of the formula scales with the KV heads
+        return self.kv_bytes_per_token * m.num_heads // m.num_kv_heads
 
     @property
     def gqa_saving(self) -> int:
@@ -203,7 +216,8 @@ class CapacityPlan:
     def to_dict(self) -> dict:
         m = self.model
         names = ("num_params", "params_per_layer", "embedding_params", "weight_bytes",
-                 "kv_bytes_per_token", "mha_kv_bytes_per_token", "gqa_saving", "window",
+                 "kv_cache_dtype", "kv_bytes_per_token", "unquantized_kv_bytes_per_token",
+                 "kv_quant_saving", "mha_kv_bytes_per_token", "gqa_saving", "window",
                  "block_size", "bytes_per_block", "kv_budget", "num_kv_blocks", "usable_blocks",
                  "kv_cache_bytes", "pool_tokens", "max_model_len", "seq_len", "kept_tokens",
                  "kv_bytes_per_seq", "blocks_per_seq", "prefill_chunk", "prefill_blocks_per_seq",
@@ -236,10 +250,15 @@ class CapacityPlan:
             ("weights", f"{format_bytes(self.weight_bytes)} ({self.num_params:,} × {b} B)"),
             ("attention", f"{m.num_heads} query heads, {m.num_kv_heads} kv heads, head_dim "
                           f"{m.head_dim}; {attention}"),
-            ("KV per token", f"2 (K,V) × {m.head_dim} head_dim × {m.num_kv_heads} kv heads × "
-                             f"{m.num_layers} layers × {b} B = {kv} "
+            ("KV per token", self._kv_formula(f"{b} B") + f" = {kv} "
                              f"({format_bytes(self.kv_bytes_per_token)})"),
-            ("  with MHA", f"2 × {m.head_dim} × {m.num_heads} heads × {m.num_layers} × {b} B = "
+            *([("  quantized", f"{self.kv_cache_dtype}: {self.kv_quant_saving:.2f}× the tokens "
+                               f"per byte of a {_dtype_name(self.dtype)} cache "
+                               f"({self.unquantized_kv_bytes_per_token:,} B per token)")]
+              if self.kv_cache_dtype != "auto" else []),
+            ("  with MHA", (f"2 × {m.head_dim} × {m.num_heads} heads × {m.num_layers} × {b} B"
+                            if self.kv_cache_dtype == "auto" else
+                            f"the same with {m.num_heads} kv heads") + " = "
                            f"{self.mha_kv_bytes_per_token:,} B: GQA saves {self.gqa_saving}× "
                            f"({m.num_heads} / {m.num_kv_heads} heads)" if self.gqa_saving > 1
                            else "the same: every query head has its own kv head"),
@@ -283,6 +302,17 @@ class CapacityPlan:
         width = max(len(label) for label, _ in rows) + 2
         return [f"{label:<{width}}{text}" for label, text in rows]
 
+    def _kv_formula(self, value: str) -> str:
+        """The lecture's formula with this cache's bytes per value (and int8's scales)."""
+        m = self.model
+        head = f"{m.head_dim} head_dim × {m.num_kv_heads} kv heads"
+        if self.kv_cache_dtype == "auto":
+            return f"2 (K,V) × {head} × {m.num_layers} layers × {value}"
+        if self.kv_cache_dtype == "int8":
+            return (f"2 (K,V) × {m.num_layers} layers × {m.num_kv_heads} kv heads × "
+                    f"({m.head_dim} head_dim × 1 B + a 2 B fp16 scale)")
+        return f"2 (K,V) × {head} × {m.num_layers} layers × 1 B ({self.kv_cache_dtype})"
+
     def format(self) -> str:
         return "\n".join(self.lines())
 
@@ -307,7 +337,8 @@ def plan_capacity(model: ModelConfig, dtype: str | torch.dtype = "auto", device:
                   block_size: int = 16, num_kv_blocks: int | None = None,
                   kv_cache_memory: int | str | None = None, max_model_len: int | None = None,
                   seq_len: int | None = None, max_num_batched_tokens: int = 2048,
-                  max_num_seqs: int | None = None, model_name: str = "model") -> CapacityPlan:
+                  max_num_seqs: int | None = None, model_name: str = "model",
+                  kv_cache_dtype: str = "auto") -> CapacityPlan:
     """The plan `LLMEngine.from_args` with these arguments would run under, before loading
     weights: on CUDA the default budget leaves room for them. seq_len defaults to max_model_len."""
     dev = resolve_device(device)
@@ -320,13 +351,14 @@ def plan_capacity(model: ModelConfig, dtype: str | torch.dtype = "auto", device:
             budget = default_kv_budget(dev, reserved=count_parameters(model) * dt.itemsize)
         else:
             budget = parse_size(kv_cache_memory)
-        num_kv_blocks = blocks_for_budget(model, dt, dev, block_size, budget)
+        num_kv_blocks = blocks_for_budget(model, dt, dev, block_size, budget, kv_cache_dtype)
     elif num_kv_blocks < 2:
         raise ValueError(f"the KV pool needs at least 2 blocks, got {num_kv_blocks}")
     max_model_len = resolve_max_model_len(model, num_kv_blocks, block_size, max_model_len)
     seq_len = max_model_len if seq_len is None else seq_len
     return CapacityPlan(model, dt, block_size, num_kv_blocks, max_model_len, seq_len,
-                        max_num_batched_tokens, max_num_seqs, budget, model_name)
+                        max_num_batched_tokens, max_num_seqs, budget, model_name,
+                        kvquant.resolve_kv_cache_dtype(kv_cache_dtype))
 
 
 def plan_for_config(config: EngineConfig, seq_len: int | None = None,
@@ -335,7 +367,8 @@ def plan_for_config(config: EngineConfig, seq_len: int | None = None,
     seq_len = config.max_model_len if seq_len is None else seq_len
     return CapacityPlan(config.model, config.dtype, config.block_size, config.num_kv_blocks,
                         config.max_model_len, seq_len, config.max_num_batched_tokens,
-                        config.max_num_seqs, model_name=model_name)
+                        config.max_num_seqs, model_name=model_name,
+                        kv_cache_dtype=config.kv_cache_dtype)
 
 
 def read_model_config(model: str | None) -> tuple[ModelSource, ModelConfig]:

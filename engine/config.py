@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels import kvquant
 from kernels.cpu import cpu_flags
 
 if TYPE_CHECKING:
@@ -63,9 +64,13 @@ class ModelConfig:
                   + 3 * h * self.intermediate_size)
         return linear / (2 * self.num_heads * d) / attention_cost
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        # The lecture's formula: 2 (K and V) x head_dim x n_kv_heads x n_layers x bytes.
-        return 2 * self.head_dim * self.num_kv_heads * self.num_layers * dtype.itemsize
+    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        # The lecture's formula: 2 (K and V) x head_dim x n_kv_heads x n_layers x bytes;
+        # a quantized cache stores 1 byte per value, int8 plus a fp16 scale per head.
+        per_value = kvquant.storage_dtype(kv_cache_dtype, dtype).itemsize
+        return 2 * self.num_layers * (self.head_dim * self.num_kv_heads * per_value
+                                      + kvquant.scale_bytes_per_token(kv_cache_dtype,
+                                                                      self.num_kv_heads))
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
@@ -175,6 +180,7 @@ class EngineConfig:
     enforce_eager: bool = False       # no fused decode forward (kernels.cpu.Forward)
     quantization: str | None = None   # "int4": torch int4 linears; "int8": fused-step weights
     speculative: SpeculativeConfig | None = None  # engine/spec_decode.py; None: off
+    kv_cache_dtype: str = "auto"      # kernels/kvquant.py: auto | int8 | fp8_e4m3 | fp8_e5m2
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -187,4 +193,10 @@ class EngineConfig:
 
     @cached_property
     def kv_cache_bytes(self) -> int:
-        return self.model.kv_bytes_per_token(self.dtype) * self.num_kv_blocks * self.block_size
+        return (self.model.kv_bytes_per_token(self.dtype, self.kv_cache_dtype)
+                * self.num_kv_blocks * self.block_size)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The cache tensors' dtype: the model's, or int8 / fp8 codes."""
+        return kvquant.storage_dtype(self.kv_cache_dtype, self.dtype)

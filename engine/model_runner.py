@@ -11,6 +11,7 @@ from engine.config import EngineConfig
 from engine.models import CausalLM
 from engine.sequence import Sequence
 from kernels import cpu as cpu_kernels
+from kernels import kvquant
 
 logger = logging.getLogger("kvserve.engine")
 
@@ -33,11 +34,21 @@ class ModelRunner:
         self.device = config.device
         m = config.model
         # One allocation: [layers, 2, num_blocks, block_size, Hkv, D]; zeros so that
-        # padding and the null block are always finite.
+        # padding and the null block are always finite. A quantized cache (kv_cache_dtype)
+        # holds codes, its scales lie beside it (kernels/kvquant.py): int8's per slot in the
+        # same paged layout, fp8's per KV head; each layer's entry is then (k, v, k_scale,
+        # v_scale).
         self.kv_cache = torch.zeros(m.num_layers, 2, config.num_kv_blocks, config.block_size,
-                                    m.num_kv_heads, m.head_dim, dtype=config.dtype,
+                                    m.num_kv_heads, m.head_dim, dtype=config.kv_dtype,
                                     device=self.device)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.kv_scales = kvquant.new_scales(config.kv_cache_dtype, m.num_layers,
+                                            config.num_kv_blocks, config.block_size,
+                                            m.num_kv_heads, self.device)
+        if self.kv_scales is None:
+            self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        else:
+            self.kv_caches = [(layer[0], layer[1], s[0], s[1])
+                              for layer, s in zip(self.kv_cache, self.kv_scales)]
         self.fast = None
         weights = config.quantization if config.quantization in cpu_kernels.WEIGHT_FORMATS \
             else None
@@ -82,7 +93,9 @@ class ModelRunner:
         after its last token and after each draft."""
         if copies:
             src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            kvquant.as_bytes(self.kv_cache)[:, :, dst] = kvquant.as_bytes(self.kv_cache)[:, :, src]
+            if self.config.kv_cache_dtype == "int8":
+                self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
         input_ids, positions, meta, sample_rows = self.prepare(seqs, num_tokens)
         hidden = self.forward(input_ids, positions, meta)
         if any(s.prompt_logprobs is not None for s in seqs):

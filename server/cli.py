@@ -33,6 +33,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "exact codes and the rest as int8, times int8-rounded activations "
                         "(llama.cpp's Q8 activations); int8: all int8; int4: weight-only int4 "
                         "linears (torch kernel, eager step)")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="KV cache storage: auto (the model dtype), int8 (a fp16 scale per token "
+                        "and KV head: ~2x the tokens of bf16, ~4x of float32), fp8_e4m3 / "
+                        "fp8_e5m2 (fp8 = fp8_e4m3; a scale per KV head, 1.0 as in vLLM)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step as eager torch ops (no fused CPU decode forward)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -50,7 +55,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 prefill_chunk=args.prefill_chunk,
                 max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                 load_format=args.load_format, quantization=args.quantization,
-                enforce_eager=args.enforce_eager, speculative_config=args.speculative_config)
+                enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -84,7 +90,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                          block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                          kv_cache_memory=args.memory, max_model_len=args.max_model_len,
                          seq_len=args.seq_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                         max_num_seqs=args.max_num_seqs, model_name=source.name)
+                         max_num_seqs=args.max_num_seqs, model_name=source.name,
+                         kv_cache_dtype=args.kv_cache_dtype)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format())
     return 0
 
@@ -105,6 +112,8 @@ def add_info_parser(sub) -> None:
     info.add_argument("--device", default="auto", help="auto | cpu | cuda")
     info.add_argument("--max-num-batched-tokens", type=int, default=2048)
     info.add_argument("--max-num-seqs", type=int, default=64)
+    info.add_argument("--kv-cache-dtype", default="auto",
+                      choices=["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"])
     info.add_argument("--json", action="store_true", help="print the numbers as JSON")
     info.set_defaults(func=cmd_info)
 

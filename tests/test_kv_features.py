@@ -10,6 +10,7 @@ from engine.sequence import SequenceStatus
 from test_models_hf import make_model
 
 W, BS = 32, 8
+KV_DTYPES = ["auto", "int8"]  # the features hold with int8 blocks and their scales beside them
 LIVE_BOUND = -(-(W - 1) // BS) + 1  # 5 blocks whatever the length
 
 
@@ -109,6 +110,29 @@ def test_window_eviction_frees_blocks_between_prefill_chunks_and_on_abort(mistra
     assert_pool_empty(engine)
 
 
+def test_window_eviction_with_int8_blocks_never_reads_a_freed_block(mistral):
+    """int8 codes and scales: a pool small enough that window-evicted blocks are handed to
+    other sequences at once gives the tokens of a pool where nothing is reused (a read of a
+    freed block would see another sequence's codes), live blocks stay bounded."""
+    path, _ = mistral
+    prompts = [[(11 * i + 5 * j) % 500 + 1 for j in range(n)] for i, n in enumerate([20, 45, 3])]
+    params = SamplingParams(temperature=0, max_tokens=3 * W, ignore_eos=True)
+    roomy = LLM(model=str(path), dtype="float32", device="cpu", block_size=BS,
+                num_kv_blocks=200, kv_cache_dtype="int8")
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    tight = LLM(model=str(path), dtype="float32", device="cpu", block_size=BS, num_kv_blocks=10,
+                max_num_batched_tokens=64, kv_cache_dtype="int8")
+
+    def bounded(engine, seqs):
+        for s in engine.scheduler.running:
+            if s.num_computed_tokens >= s.num_prompt_tokens:
+                assert live(s) <= LIVE_BOUND, (s, s.block_ids)
+
+    outs = run_checked(tight, [(p, params) for p in prompts], bounded)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert_pool_empty(tight.engine)
+
+
 def test_window_engine_rejects_a_pool_smaller_than_the_window(mistral):
     path, _ = mistral
     with pytest.raises(ValueError, match="sliding window"):
@@ -144,7 +168,8 @@ def test_shared_200_token_prefix_computes_only_new_tokens_smollm(smollm, hf_smol
     assert out_b.outputs[0].token_ids == hf_greedy(hf_smollm, b, 8)
 
 
-def test_prefix_cache_outputs_equal_uncached_under_eviction_pressure(llama_path):
+@pytest.mark.parametrize("kv", KV_DTYPES)
+def test_prefix_cache_outputs_equal_uncached_under_eviction_pressure(llama_path, kv):
     """Shared prefixes, a pool that must evict cached blocks, and preemption: the tokens
     equal an uncached engine's, the pool stays consistent and ends empty."""
     prefixes = [[(3 * k + j) % 400 + 5 for j in range(n)] for k, n in enumerate([24, 17, 40])]
@@ -153,13 +178,15 @@ def test_prefix_cache_outputs_equal_uncached_under_eviction_pressure(llama_path)
         suffix = [(13 * i + j) % 300 + 100 for j in range(1 + i % 5)]
         params = SamplingParams(temperature=0, max_tokens=6 + i % 4, ignore_eos=True)
         requests.append((prefixes[i % 3] + suffix, params))
-    plain = LLM(model=str(llama_path), dtype="float32", device="cpu", block_size=8,
+    plain = LLM(model=str(llama_path), dtype="float32", device="cpu",
+                kv_cache_dtype=kv, block_size=8,
                 num_kv_blocks=64, enable_prefix_caching=False)
     want = [o.outputs[0].token_ids for o in
             plain.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)]
     assert plain.engine.stats["prefix_cache_hits"] == 0
 
-    cached = LLM(model=str(llama_path), dtype="float32", device="cpu", block_size=8,
+    cached = LLM(model=str(llama_path), dtype="float32", device="cpu",
+                 kv_cache_dtype=kv, block_size=8,
                  num_kv_blocks=16, max_num_seqs=4)
     outs = run_checked(cached, requests[:6])
     outs += run_checked(cached, requests[6:])  # again: hits on blocks freed into the cache
@@ -169,12 +196,15 @@ def test_prefix_cache_outputs_equal_uncached_under_eviction_pressure(llama_path)
     assert_pool_empty(cached.engine)
 
 
-def test_preempted_sequence_recomputes_from_its_own_cached_blocks(llama_path):
-    llm = LLM(model=str(llama_path), dtype="float32", device="cpu", block_size=8,
+@pytest.mark.parametrize("kv", KV_DTYPES)
+def test_preempted_sequence_recomputes_from_its_own_cached_blocks(llama_path, kv):
+    llm = LLM(model=str(llama_path), dtype="float32", device="cpu",
+              kv_cache_dtype=kv, block_size=8,
               num_kv_blocks=9, max_num_seqs=8)
     prompts = [[(7 * i + j) % 400 + 3 for j in range(30)] for i in range(3)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    solo = LLM(model=str(llama_path), dtype="float32", device="cpu", block_size=8,
+    solo = LLM(model=str(llama_path), dtype="float32", device="cpu",
+               kv_cache_dtype=kv, block_size=8,
                num_kv_blocks=64, enable_prefix_caching=False)
     want = [solo.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     outs = run_checked(llm, [(p, params) for p in prompts])
@@ -187,8 +217,10 @@ def test_preempted_sequence_recomputes_from_its_own_cached_blocks(llama_path):
 # ------------------------------------------------------------------ n > 1, copy-on-write
 
 
-def test_n4_shares_the_prompt_blocks_and_each_child_equals_its_seed_alone(llama_path):
-    llm = LLM(model=str(llama_path), dtype="float32", device="cpu", block_size=8,
+@pytest.mark.parametrize("kv", KV_DTYPES)
+def test_n4_shares_the_prompt_blocks_and_each_child_equals_its_seed_alone(llama_path, kv):
+    llm = LLM(model=str(llama_path), dtype="float32", device="cpu",
+              kv_cache_dtype=kv, block_size=8,
               num_kv_blocks=64, enable_prefix_caching=False)
     engine = llm.engine
     prompt = [(5 * j) % 400 + 7 for j in range(20)]  # 2 full blocks + 4 tokens

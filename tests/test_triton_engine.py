@@ -14,15 +14,19 @@ def triton_interpreter():
         yield
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral-window"])
-def test_triton_backend_matches_torch_backend(kind, tmp_path):
+@pytest.mark.parametrize("kind,kv", [("llama", "auto"), ("mistral-window", "auto"),
+                                     ("llama", "int8"), ("mistral-window", "fp8_e4m3")])
+def test_triton_backend_matches_torch_backend(kind, kv, tmp_path):
+    """Also with a quantized cache: both backends store the same codes and scales (the
+    Triton store is bit-exact with the reference's) and read them back in attention."""
     make_model(kind, tmp_path)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     tokens = {}
     for backend in ("torch", "triton"):
         # a 7-token budget makes chunked prefill and mixed prefill/decode steps happen
         llm = LLM(model=str(tmp_path), dtype="float32", device="cpu", block_size=16,
-                  num_kv_blocks=32, max_num_batched_tokens=7, attention_backend=backend)
+                  num_kv_blocks=32, max_num_batched_tokens=7, attention_backend=backend,
+                  kv_cache_dtype=kv)
         assert llm.engine.config.attention_backend == backend
         outs = llm.generate(PROMPTS[:4], params, use_tqdm=False)
         tokens[backend] = [o.outputs[0].token_ids for o in outs]

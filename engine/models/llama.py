@@ -52,7 +52,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
-        out = meta.attend(q, k, v, kv_cache[0], kv_cache[1], self.scale, self.window)
+        out = meta.attend(q, k, v, kv_cache, self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
