@@ -16,6 +16,7 @@ from engine.loader import GGUFFile, hf_config, hf_weights, resolve_model
 from engine.models import CausalLM
 from engine.quant import int4_dtype, quantize_model, resolve_quantization
 from engine.spec_decode import SpeculativeConfig
+from engine import tp
 from engine.tokenizer import Tokenizer, load_tokenizer
 from kernels import cpu as cpu_kernels
 from kernels import kvquant
@@ -49,10 +50,26 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
           kv_cache_memory: int | str | None = None, seed: int = 0,
           quantization: str | None = None, enforce_eager: bool = False,
           speculative_config: dict | str | None = None,
-          kv_cache_dtype: str | None = "auto") -> EngineParts:
+          kv_cache_dtype: str | None = "auto", tensor_parallel_size: int = 1,
+          tp_rank: int | None = None, tp_port: int | None = None) -> EngineParts:
     """Everything an LLMEngine is made of, from the arguments users give (`LLM(...)`,
     `kvserve serve`): the model found and loaded, the dtype, device, attention backend and
-    weight format resolved, the KV pool sized."""
+    weight format resolved, the KV pool sized.
+
+    tensor_parallel_size > 1 (engine/tp.py): this process is rank 0 and spawns the other ranks
+    on 127.0.0.1, unless torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT) say a
+    launcher started them; each rank loads only its part of the weights. tp_rank / tp_port:
+    set by a spawned rank for itself."""
+    tp_world, tp_spawn = tensor_parallel_size, False
+    if tp_rank is None:
+        launched = tp.env_world()
+        if launched is not None and launched[1] > 1:
+            if tensor_parallel_size not in (1, launched[1]):
+                raise ValueError(f"tensor_parallel_size {tensor_parallel_size} but WORLD_SIZE="
+                                 f"{launched[1]}: they must agree")
+            tp_rank, tp_world = launched
+        else:
+            tp_rank, tp_spawn = 0, tensor_parallel_size > 1
     speculative = SpeculativeConfig.parse(speculative_config)
     kv_cache_dtype = kvquant.resolve_kv_cache_dtype(kv_cache_dtype)
     source = resolve_model(model)
@@ -77,6 +94,13 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
                          "the environment (slow; for tests); use 'torch' on the CPU")
     gguf = GGUFFile(source.path) if source.kind == "gguf" else None
     model_cfg = gguf.config() if gguf else hf_config(source.path)
+    shard = None
+    if tp_world > 1:
+        shard = tp.Shard.of(model_cfg, tp_rank, tp_world)  # errors name the numbers
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} runs in the fused CPU step, which "
+                             f"tensor parallelism does not use; leave it unset")
+        auto_quant, quantization, enforce_eager = False, None, True
     # int8 weights live in the fused CPU step (decode and short prefill chunks); longer
     # prefill chunks keep the model's own weights and torch's GEMMs.
     int8_ok = (dev.type == "cpu" and cpu_kernels.supports(dt) and not enforce_eager
@@ -95,16 +119,39 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
                          "CPU kernels"
                          + (f" (not built: {cpu_kernels.unavailable_reason()})"
                             if not cpu_kernels.available() else ""))
+    max_positions = max_model_len or model_cfg.max_position_embeddings
+    # the pool is sized before the weights load, so that other ranks get the same numbers
+    kv_cfg = shard.local_config(model_cfg) if shard else model_cfg  # a rank's KV heads
+    num_blocks = num_kv_blocks or blocks_for_budget(kv_cfg, dt, dev, block_size,
+                                                    kv_cache_memory, kv_cache_dtype)
+    max_model_len = resolve_max_model_len(model_cfg, num_blocks, block_size, max_model_len)
+    if tp_spawn:
+        port = tp.free_port()
+        tp.start_workers(tp_world, port, dict(
+            model=model, dtype=dtype, device=device, block_size=block_size,
+            num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, prefill_chunk=prefill_chunk,
+            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+            attention_backend=attention_backend, load_format=load_format, seed=seed,
+            kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp_world))
+        tp_port = port
+    if shard:
+        tp.init(tp_rank, tp_world, dev, "127.0.0.1" if tp_port else None, tp_port)
+        logger.info("tensor parallel rank %d of %d: query heads %d-%d, KV heads %d-%d, MLP "
+                    "columns %d-%d", tp_rank, tp_world, shard.first_head,
+                    shard.first_head + shard.num_heads - 1, shard.first_kv_head,
+                    shard.first_kv_head + shard.num_kv_heads - 1,
+                    tp_rank * shard.intermediate, (tp_rank + 1) * shard.intermediate - 1)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    max_positions = max_model_len or model_cfg.max_position_embeddings
     with torch.device(dev):
-        net = CausalLM(model_cfg, max_positions, dev)
+        net = CausalLM(model_cfg, max_positions, dev, shard)
     if load_format == "dummy":
         for p in net.parameters():
             p.normal_(0, 0.02)
     else:
-        net.load_weights(gguf.weights(model_cfg) if gguf else hf_weights(source.path))
+        weights = gguf.weights(model_cfg) if gguf else hf_weights(source.path)
+        net.load_weights(tp.shard_weights(weights, model_cfg, shard) if shard else weights)
     num_params = sum(p.numel() for p in net.parameters())
     if quantization == "int4":
         quantize_model(net)  # from the float32 weights
@@ -117,9 +164,6 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
     logger.info("loaded %s (%s, %.0fM params%s) in %.1fs", source.name,
                 model_cfg.architecture, num_params / 1e6,
                 f", {quantization}" if quantization else "", time.perf_counter() - t0)
-    num_blocks = num_kv_blocks or blocks_for_budget(model_cfg, dt, dev, block_size,
-                                                    kv_cache_memory, kv_cache_dtype)
-    max_model_len = resolve_max_model_len(model_cfg, num_blocks, block_size, max_model_len)
     config = EngineConfig(model=model_cfg, dtype=dt, device=dev, block_size=block_size,
                           num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens,
@@ -128,8 +172,16 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
                           enable_prefix_caching=enable_prefix_caching,
                           attention_backend=attention_backend,
                           enforce_eager=enforce_eager, quantization=quantization,
-                          speculative=speculative, kv_cache_dtype=kv_cache_dtype)
-    logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB%s", num_blocks,
+                          speculative=speculative, kv_cache_dtype=kv_cache_dtype,
+                          tensor_parallel_size=tp_world)
+    if shard:
+        tp.check_agreement(tp_rank, {
+            "model": model_cfg, "dtype": str(dt), "block_size": block_size,
+            "num_kv_blocks": num_blocks, "max_model_len": max_model_len,
+            "kv_cache_dtype": kv_cache_dtype, "attention_backend": attention_backend})
+    logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB%s%s", num_blocks,
                 block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20,
-                kv_saving(model_cfg, dt, kv_cache_dtype))
+                kv_saving(model_cfg, dt, kv_cache_dtype),
+                f" on each of {tp_world} ranks (its {shard.num_kv_heads} of "
+                f"{model_cfg.num_kv_heads} KV heads)" if shard else "")
     return EngineParts(config, net, load_tokenizer(source), source.name)

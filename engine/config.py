@@ -181,6 +181,7 @@ class EngineConfig:
     quantization: str | None = None   # "int4": torch int4 linears; "int8": fused-step weights
     speculative: SpeculativeConfig | None = None  # engine/spec_decode.py; None: off
     kv_cache_dtype: str = "auto"      # kernels/kvquant.py: auto | int8 | fp8_e4m3 | fp8_e5m2
+    tensor_parallel_size: int = 1     # engine/tp.py: ranks, each with 1/N of layers and KV
 
     def __post_init__(self):
         for name in ("block_size", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -193,7 +194,12 @@ class EngineConfig:
 
     @cached_property
     def kv_cache_bytes(self) -> int:
-        return (self.model.kv_bytes_per_token(self.dtype, self.kv_cache_dtype)
+        """One rank's pool: under tensor parallelism it holds that rank's KV heads only."""
+        m, n = self.model, self.tensor_parallel_size
+        if n > 1:  # engine/tp.py's split: Hkv / N heads, or one replicated head
+            from dataclasses import replace
+            m = replace(m, num_kv_heads=m.num_kv_heads // n if m.num_kv_heads % n == 0 else 1)
+        return (m.kv_bytes_per_token(self.dtype, self.kv_cache_dtype)
                 * self.num_kv_blocks * self.block_size)
 
     @property

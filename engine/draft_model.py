@@ -34,7 +34,8 @@ class DraftProposer:
             max_num_batched_tokens=target.max_num_batched_tokens,
             max_model_len=target.max_model_len, enable_prefix_caching=False,
             attention_backend=target.attention_backend, quantization=target.quantization,
-            enforce_eager=target.enforce_eager, kv_cache_dtype=target.kv_cache_dtype)
+            enforce_eager=target.enforce_eager, kv_cache_dtype=target.kv_cache_dtype,
+            tp_rank=0)  # the draft runs whole on rank 0, even under tensor parallelism
         if config.model.vocab_size != target.model.vocab_size:
             raise ParamError("speculative_config", f"speculative_config: the draft model {name} "
                                                    f"has {config.model.vocab_size} tokens, the "

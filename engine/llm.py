@@ -16,15 +16,20 @@ class LLM:
                  enable_prefix_caching: bool = True, attention_backend: str = "auto",
                  load_format: str = "auto", quantization: str | None = None,
                  enforce_eager: bool = False, speculative_config: dict | str | None = None,
-                 kv_cache_dtype: str = "auto", **kwargs):
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, **kwargs):
         self.engine = LLMEngine.from_args(
             model=model, dtype=dtype, device=device, block_size=block_size,
             num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, attention_backend=attention_backend,
             load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
-            speculative_config=speculative_config, kv_cache_dtype=kv_cache_dtype, **kwargs)
+            speculative_config=speculative_config, kv_cache_dtype=kv_cache_dtype,
+            tensor_parallel_size=tensor_parallel_size, **kwargs)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (worker processes)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from engine import tp
 from engine.beam_search import BeamSearch
 from engine.block_manager import KVCacheManager
 from engine.builder import build
@@ -152,9 +153,20 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def check_health(self) -> None:
+        """Raises if the engine cannot step: a tensor-parallel rank is gone."""
+        if self.runner.tp and (why := tp.worker_failure()) is not None:
+            raise RuntimeError(why)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do otherwise)."""
+        if self.runner.tp:
+            tp.shutdown()
+
     # ---------------------------------------------------------------- one step
 
     def step(self) -> list[RequestOutput]:
+        self.check_health()
         t0 = time.perf_counter()  # the step's cost, drafting included (the adaptive fit)
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)  # drafts, cut by schedule() to what fits

@@ -32,7 +32,8 @@ class ModelRunner:
         self.config = config
         self.model = model
         self.device = config.device
-        m = config.model
+        m = model.config  # this rank's heads under tensor parallelism
+        self.tp = model.shard is not None and model.shard.world > 1
         # One allocation: [layers, 2, num_blocks, block_size, Hkv, D]; zeros so that
         # padding and the null block are always finite. A quantized cache (kv_cache_dtype)
         # holds codes, its scales lie beside it (kernels/kvquant.py): int8's per slot in the
@@ -52,7 +53,7 @@ class ModelRunner:
         self.fast = None
         weights = config.quantization if config.quantization in cpu_kernels.WEIGHT_FORMATS \
             else None
-        if (not config.enforce_eager and self.device.type == "cpu"
+        if (not config.enforce_eager and self.device.type == "cpu" and not self.tp
                 and cpu_kernels.Forward.supported(model, weights) and cpu_kernels.available()):
             self.fast = cpu_kernels.Forward(model, self.kv_caches, config.block_size, weights)
         elif weights:
@@ -84,6 +85,15 @@ class ModelRunner:
                              meta.block_tables, meta.cu_seqlens_q, meta.seq_lens)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
+    def copy_blocks(self, copies) -> None:
+        """Copy-on-write: blocks src -> dst in every layer (K, V and int8's scales)."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+        kvquant.as_bytes(self.kv_cache)[:, :, dst] = kvquant.as_bytes(self.kv_cache)[:, :, src]
+        if self.config.kv_cache_dtype == "int8":
+            self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
+
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_tokens: list[int],
                 copies: list[tuple[int, int]] = ()) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -91,13 +101,15 @@ class ModelRunner:
         Returns the sequences that reached their last token and their logits [N, V]; a
         sequence with k drafts (seq.spec_token_ids) has k + 1 consecutive rows, the logits
         after its last token and after each draft."""
-        if copies:
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
-            kvquant.as_bytes(self.kv_cache)[:, :, dst] = kvquant.as_bytes(self.kv_cache)[:, :, src]
-            if self.config.kv_cache_dtype == "int8":
-                self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
+        self.copy_blocks(copies)
         input_ids, positions, meta, sample_rows = self.prepare(seqs, num_tokens)
-        hidden = self.forward(input_ids, positions, meta)
+        if self.tp:  # every rank runs its layers on the batch rank 0 embedded
+            from engine import tp
+            x = self.model.embed_tokens(input_ids)
+            tp.send_step(x, positions, meta, copies)
+            hidden = self.model.decoder(x, positions, self.kv_caches, meta)
+        else:
+            hidden = self.forward(input_ids, positions, meta)
         if any(s.prompt_logprobs is not None for s in seqs):
             self._prompt_logprobs(seqs, num_tokens, hidden)
         sampling = [seqs[i] for i in sample_rows.tolist()]

@@ -153,6 +153,8 @@ class AsyncEngine:
         self._inbox.put(Wake())
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self.engine is not None:
+            self.engine.shutdown()  # the other tensor-parallel ranks, if any
 
     # ---------------------------------------------------------------- engine thread
 
@@ -161,6 +163,9 @@ class AsyncEngine:
             engine = self._build()
             self.metrics = self._make_metrics(engine) if self._make_metrics else None
             self.engine = engine
+            from engine import tp
+            if tp.WORKERS is not None:  # a rank that dies wakes an idle engine to fail
+                tp.WORKERS.on_death.append(lambda why: self._inbox.put(Wake()))
         except BaseException as e:  # noqa: BLE001 - launch() re-raises it
             self.error = e
             return
@@ -172,6 +177,7 @@ class AsyncEngine:
                 self._drain_inbox(block=not engine.has_unfinished_requests())
                 if self._stop.is_set():
                     break
+                engine.check_health()
                 self._expire()
                 if not engine.has_unfinished_requests():
                     continue

@@ -38,6 +38,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache storage: auto (the model dtype), int8 (a fp16 scale per token "
                         "and KV head: ~2x the tokens of bf16, ~4x of float32), fp8_e4m3 / "
                         "fp8_e5m2 (fp8 = fp8_e4m3; a scale per KV head, 1.0 as in vLLM)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks that each hold 1/N of every layer and of the KV cache, over "
+                        "torch.distributed (gloo on CPU, nccl on CUDA): spawned on this machine, "
+                        "or started by a launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and "
+                        "MASTER_PORT (rank 0 serves HTTP, the others only compute)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step as eager torch ops (no fused CPU decode forward)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -56,7 +61,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                 load_format=args.load_format, quantization=args.quantization,
                 enforce_eager=args.enforce_eager, speculative_config=args.speculative_config,
-                kv_cache_dtype=args.kv_cache_dtype)
+                kv_cache_dtype=args.kv_cache_dtype,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -139,6 +145,10 @@ def app_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from engine import tp
+    launched = tp.env_world()
+    if launched is not None and launched[0] > 0:  # a launcher's rank > 0: compute only
+        return tp.run_launched_rank(engine_kwargs(args))
     from server.serve import serve
     return serve(engine_kwargs(args), host=args.host, port=args.port,
                  shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -42,6 +43,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.all_reduce = False  # tensor parallel: o_proj sums this rank's heads only
 
     def forward(self, x, positions, rope, kv_cache, meta: AttentionMetadata):
         # x: [T, hidden]
@@ -53,7 +55,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(positions, q, k)
         out = meta.attend(q, k, v, kv_cache, self.scale, self.window)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = self.o_proj(out.reshape(-1, self.q_size))
+        if self.all_reduce:
+            dist.all_reduce(out)
+        return out
 
 
 class MLP(nn.Module):
@@ -61,10 +66,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.all_reduce = False  # tensor parallel: down_proj sums this rank's slice only
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        if self.all_reduce:
+            dist.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -81,15 +90,27 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device):
+    """shard (engine/tp.py): this rank's part under tensor parallelism; `config` is then the
+    rank's own (its heads and MLP width), and ranks other than 0 have no embedding or vocab
+    projection (rank 0 embeds the batch and computes the logits)."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device, shard=None):
         super().__init__()
+        self.shard = shard
+        if shard is not None:
+            cfg = shard.local_config(cfg)
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        has_vocab = shard is None or shard.rank == 0
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if has_vocab else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in cfg.layer_windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) \
+            if has_vocab else None
+        if cfg.tie_word_embeddings and has_vocab:
             self.lm_head.weight = self.embed_tokens.weight
+        if shard is not None and shard.world > 1:
+            for layer in self.layers:
+                layer.self_attn.all_reduce = layer.mlp.all_reduce = True
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, scaling, device)
         self.requires_grad_(False)
@@ -98,7 +119,11 @@ class CausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden states [T, hidden]
-        x = self.embed_tokens(input_ids)
+        return self.decoder(self.embed_tokens(input_ids), positions, kv_caches, meta)
+
+    def decoder(self, x: torch.Tensor, positions: torch.Tensor, kv_caches,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden] embedded tokens -> hidden states after the final norm
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, positions, self.rope, kv_cache, meta)
         return self.norm(x)
