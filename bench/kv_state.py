@@ -59,9 +59,8 @@ def filled_engine(path: str, blocks: int, streams: int, prompt_len: int) -> LLME
     for i in range(streams // 4):
         engine.add_request(f"old-{i}", [(7 * i + j) % 500 + 1 for j in range(prompt_len)],
                            params)
-    while engine.scheduler.waiting or any(s.num_output_tokens == 0
-                                          for s in engine.scheduler.running):
-        step_without_forward(engine)
+    run_until(engine, lambda: not engine.scheduler.waiting and all(
+        s.num_output_tokens for s in engine.scheduler.running))
     for rid in list(engine.requests):
         engine.abort_request(rid)
     # wave 2: groups of 8 share half their prompt (shared blocks), as many as fit in about
@@ -73,10 +72,17 @@ def filled_engine(path: str, blocks: int, streams: int, prompt_len: int) -> LLME
         prefix = [(13 * (i // 8) + j) % 500 + 1 for j in range(half)]
         tail = [(31 * i + j) % 500 + 1 for j in range(prompt_len - half)]
         engine.add_request(f"new-{i}", prefix + tail, params)
-    while engine.scheduler.waiting or any(s.num_output_tokens < 4
-                                          for s in engine.scheduler.running):
-        step_without_forward(engine)
+        if i % 8 == 0:  # a group's first prompt is computed before the others look it up
+            run_until(engine, lambda: not engine.scheduler.waiting and all(
+                s.num_output_tokens for s in engine.scheduler.running))
+    run_until(engine, lambda: not engine.scheduler.waiting and all(
+        s.num_output_tokens >= 4 for s in engine.scheduler.running))
     return engine
+
+
+def run_until(engine: LLMEngine, done) -> None:
+    while not done():
+        step_without_forward(engine)
 
 
 def timed(fn, repeat: int) -> float:
