@@ -63,7 +63,8 @@ def main() -> int:
                 if httpx.get(url + "/health").status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         # finished before the others start: its full blocks stay behind, cached-free
         httpx.post(url + "/v1/completions", json={"prompt": FINISHED, "max_tokens": 4},
                    timeout=600)

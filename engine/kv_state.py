@@ -10,6 +10,7 @@ it. A sequence is shown by its request id and token counts: never its tokens or 
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ class KVSnapshot:
         steps."""
         pool = kv.pool
         waiting = scheduler.waiting
-        shown = [waiting[i] for i in range(min(len(waiting), MAX_WAITING_SHOWN))]
+        shown = itertools.islice(waiting, MAX_WAITING_SHOWN)
         return cls(number, time.time(), num_steps, kv.block_size, kv.sliding_window,
                    kv.enable_prefix_caching, pool.ref_counts.copy(), list(pool.cached_free),
                    list(pool.hash_to_block.values()),

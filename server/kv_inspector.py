@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import Literal, Optional
+from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -54,13 +54,13 @@ class KVSequence(BaseModel):
     num_cached_blocks: int
     num_evicted_blocks: int
     num_preemptions: int
-    block_table: list[Optional[int]]  # null: evicted by the sliding window
+    block_table: list[int | None]  # null: evicted by the sliding window
 
 
 class KVPrefixCache(BaseModel):
     queries: int  # tokens looked up at admission
     hits: int     # of which found in the cache
-    hit_rate: Optional[float]
+    hit_rate: float | None
     evictions: int
 
 
@@ -73,7 +73,7 @@ class KVStateResponse(BaseModel):
     time: float
     num_steps: int
     block_size: int
-    sliding_window: Optional[int]
+    sliding_window: int | None
     enable_prefix_caching: bool
     num_blocks: int
     counts: KVCounts
@@ -91,7 +91,7 @@ class KVStateResponse(BaseModel):
 @router.get("/v1/kv/state", response_model=None,
             responses={200: {"model": KVStateResponse}, **error_responses(400, 503)})
 async def kv_state(request: Request,
-                   seq_len: Optional[int] = Query(None, ge=1, description=(
+                   seq_len: int | None = Query(None, ge=1, description=(
                        "the sequence length the capacity plan's `seqs_at_once` is for "
                        "(default: max_model_len)"))):
     state = server_state(request)

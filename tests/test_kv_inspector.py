@@ -138,12 +138,14 @@ def cell_classes(page) -> list[str]:
 
 
 def expected_classes(body: dict) -> list[str]:
+    """The cell classes the page must draw for this state (kv.html's drawGrid)."""
     blocks = body["blocks"]
     out = []
     for b, s in enumerate(blocks["state"]):
         cls = CELL_CLASS[s]
         if s == "u":
-            cls += " shared" * (str(b) in blocks["shared"]) + " hashed" * (blocks["hashed"][b] == "1")
+            cls += " shared" * (str(b) in blocks["shared"])
+            cls += " hashed" * (blocks["hashed"][b] == "1")
         out.append(cls)
     return out
 

@@ -232,7 +232,9 @@ def test_counts_add_up_under_load_with_aborts(llama_dir):
                         return  # leaving the block closes the connection: an abort
         elif i % 3 == 0:  # collected, but the client gives up (cancel: the connection goes)
             task = asyncio.ensure_future(client.post("/v1/completions", json=body))
-            while not any(s["num_running"] for s in snapshots[-1:]):
+            for _ in range(3000):  # until the poller sees requests running (30 s at most)
+                if any(s["num_running"] for s in snapshots[-1:]):
+                    break
                 await asyncio.sleep(0.01)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
