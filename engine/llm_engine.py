@@ -24,6 +24,7 @@ from engine.builder import build
 from engine.capacity import CapacityPlan, plan_for_config
 from engine.config import EngineConfig
 from engine.errors import ParamError
+from engine.kv_state import KVSnapshot
 from engine.limits import check_prompt, check_token_ids
 from engine.model_runner import ModelRunner
 from engine.models import CausalLM
@@ -107,6 +108,11 @@ class LLMEngine:
                 "prefix_cache_hits": kv.prefix_hits,
                 "prefix_cache_evictions": pool.num_evictions,
                 **(self.spec.stats if self.spec is not None else {})}
+
+    def kv_state(self, number: int = 0) -> KVSnapshot:
+        """A copy of the KV cache's blocks and tables (the inspector's); take it between two
+        steps, on the thread that steps."""
+        return KVSnapshot.take(self.kv, self.scheduler, self.counters["steps"], number)
 
     def capacity(self, seq_len: int | None = None) -> CapacityPlan:
         """Capacity planning numbers for this engine (what `kvserve info` prints)."""

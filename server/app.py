@@ -2,7 +2,7 @@
 
 Routes: /v1/completions, /v1/chat/completions (both stream as SSE; server/generation.py),
 /v1/models, /health, /metrics, /tokenize, /detokenize, /tokenizer_info, /version
-(server/routes.py); they read a ServerState (server/state.py) from app.state.server, and
+(server/routes.py), /v1/kv/state and the page /kv (server/kv_inspector.py); they read a ServerState (server/state.py) from app.state.server, and
 their bodies and chunks are built by server/formatting.py.  Every error is OpenAI's shape
 {"error": {"message", "type", "param", "code"}} (server/errors.py): bad input is 400
 (FastAPI's 422 remapped), an unknown model 404, a missing/wrong API key 401, a body over
@@ -14,7 +14,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server import generation, routes
+from server import generation, kv_inspector, routes
 from server.async_engine import AsyncEngine
 from server.errors import APIError, error_response, install_error_handlers
 from server.middleware import MAX_REQUEST_BYTES, OPEN_PATHS, BearerAuth, BodyLimit
@@ -40,9 +40,11 @@ def build_app(aengine: AsyncEngine, served_model_name: str | None = None,
     app.add_middleware(BodyLimit, limit=max_request_bytes)
 
     app.include_router(routes.open_router)
+    app.include_router(kv_inspector.page_router)
     auth = error_responses(401) if api_key else {}  # documented on every other route
     app.include_router(routes.router, responses=auth)
     app.include_router(generation.router, responses=auth)
+    app.include_router(kv_inspector.router, responses=auth)
     app.openapi = lambda: _openapi(app)
     return app
 

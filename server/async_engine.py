@@ -5,7 +5,9 @@ awaits the engine thread's answer (accepted, or the ValueError that names the ba
 outputs come back per request through an asyncio.Queue, all of a step's in one
 `loop.call_soon_threadsafe`.
 The thread steps while there is work and sleeps on the inbox when there is none; `launch`
-builds the engine on that same thread (see there why).
+builds the engine on that same thread (see there why). `kv_state` is served the same way: the
+thread copies the KV cache's state between two steps (waking if idle), so no other thread
+ever reads the pool while a step changes it.
 
 Failure modes handled here: a full waiting queue (QueueFull -> 429), a request past its
 deadline (aborted, finish_reason "timeout"), a client that goes away (abort), an exception
@@ -23,8 +25,9 @@ import time
 from typing import Callable
 
 from engine import LLMEngine, RequestOutput, SamplingParams
-from server.messages import (ACCEPTED, Abort, AbortAll, Add, RequestChannel, RequestStream,
-                             Wake, deliver)
+from engine.kv_state import KVSnapshot
+from server.messages import (ACCEPTED, Abort, AbortAll, Add, KVStateQuery, RequestChannel,
+                             RequestStream, Wake, deliver)
 
 logger = logging.getLogger("kvserve.server")
 
@@ -64,6 +67,8 @@ class AsyncEngine:
         self.draining = False
         self._hurry = False  # hurry(): a drain stops waiting and aborts what is left now
         self._stop = threading.Event()
+        self._closed = False  # the thread has left its loop: nothing in the inbox is read
+        self._kv_snapshots = 0  # numbers each snapshot (engine thread)
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._build, self._make_metrics = build, make_metrics
         self._built = threading.Event()
@@ -129,6 +134,18 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(Abort(request_id))
 
+    async def kv_state(self) -> KVSnapshot:
+        """The KV cache's blocks and tables, copied by the engine thread between two steps
+        (queries that arrive together share one copy)."""
+        if self.error is not None or not self._thread.is_alive():
+            raise EngineDead(f"the engine is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        query = KVStateQuery(loop, loop.create_future())
+        self._inbox.put(query)
+        if self.error is not None or self._closed:  # the thread ended between check and put
+            self._fail_inbox(self.error or EngineDead("the engine stopped"))
+        return await query.future
+
     async def drain(self, timeout: float) -> int:
         """Stop admitting, let running requests finish for up to `timeout` seconds, abort
         the rest; returns how many were aborted."""
@@ -187,6 +204,9 @@ class AsyncEngine:
                 t0 = time.monotonic()
                 outputs = engine.step()
                 self._publish(outputs, t0)
+            # stopped: whoever still waits on the inbox hears it (kv_state has no other way)
+            self._closed = True
+            self._fail_inbox(EngineDead("the engine stopped"))
         except BaseException as e:  # noqa: BLE001 - every stream must hear about it
             logger.exception("engine step failed; failing every request")
             self.error = e
@@ -212,14 +232,20 @@ class AsyncEngine:
                 with self._lock:
                     self._pending_adds -= 1
                 cmd.channel.put(EngineDead(f"the engine failed: {error!r}"))
+            elif isinstance(cmd, KVStateQuery):
+                cmd.answer(EngineDead(f"the engine is not running: {error!r}"))
 
     def _drain_inbox(self, block: bool) -> None:
+        queries = []
         while True:
             try:
                 cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
+            if isinstance(cmd, KVStateQuery):  # answered below, after the adds and aborts
+                queries.append(cmd)
+                continue
             if isinstance(cmd, Add):
                 self._add(cmd)
             elif isinstance(cmd, Abort):
@@ -228,6 +254,18 @@ class AsyncEngine:
                 for rid in list(self._streams):
                     self._abort(rid, None)
             self._refresh()  # after every message
+        if queries:
+            self._answer_kv_state(queries)
+
+    def _answer_kv_state(self, queries: list[KVStateQuery]) -> None:
+        self._kv_snapshots += 1
+        try:
+            result = self.engine.kv_state(self._kv_snapshots)
+        except Exception as e:  # noqa: BLE001 - a bug here must not stop the serving
+            logger.exception("taking the KV state failed")
+            result = e
+        for query in queries:
+            query.answer(result)
 
     def _add(self, cmd: Add) -> None:
         request_id, stream = cmd.request_id, cmd.channel

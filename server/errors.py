@@ -45,14 +45,20 @@ def api_error(e: Exception, param: str | None = None) -> APIError:
     raise TypeError(f"no HTTP error for {e!r}") from e
 
 
+def _field_path(err: dict) -> list[str]:
+    """Where a validation error is, less where it came in (a body field or a query parameter
+    is named alike)."""
+    return [str(x) for x in err.get("loc", ()) if x not in ("body", "query")]
+
+
 def _validation_error(e: RequestValidationError) -> JSONResponse:
     errors = e.errors()
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+    loc = _field_path(first)
     # a body that is not JSON has loc ("body", <char offset>): no field to blame
     param = loc[0] if loc and first.get("type") != "json_invalid" else None
-    message = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: "
-                        f"{err.get('msg')}" for err in errors[:5]) or "invalid request"
+    message = "; ".join(f"{'.'.join(_field_path(err))}: {err.get('msg')}"
+                        for err in errors[:5]) or "invalid request"
     return error_response(400, message, param=param)
 
 

@@ -1,9 +1,10 @@
 """What passes between the event loop and the engine thread (server/async_engine.py).
 
-To the engine thread: typed messages in its inbox (Add, Abort, AbortAll, Wake). Back to the
-event loop, per request: a RequestChannel that the engine thread puts into (through the
-loop's call_soon_threadsafe): first ACCEPTED or the error that refused the request, then its
-RequestOutputs, or an exception that ends it. The route iterates a RequestStream over it.
+To the engine thread: typed messages in its inbox (Add, Abort, AbortAll, KVStateQuery,
+Wake). Back to the event loop, per request: a RequestChannel that the engine thread puts
+into (through the loop's call_soon_threadsafe): first ACCEPTED or the error that refused the
+request, then its RequestOutputs, or an exception that ends it. The route iterates a
+RequestStream over it. A KVStateQuery is answered once, through its future.
 """
 from __future__ import annotations
 
@@ -94,3 +95,25 @@ class AbortAll:
 @dataclass
 class Wake:
     """stop(): wake the thread sleeping on an empty inbox so it sees the stop flag."""
+
+
+@dataclass
+class KVStateQuery:
+    """GET /v1/kv/state: the engine thread answers with a KVSnapshot taken between two steps
+    (or the EngineDead that says why it cannot)."""
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def answer(self, result: object) -> None:
+        """From the engine thread."""
+        def settle():
+            if self.future.done():  # the client left (the handler was cancelled)
+                return
+            if isinstance(result, BaseException):
+                self.future.set_exception(result)
+            else:
+                self.future.set_result(result)
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody asks any more
+            pass

@@ -11,7 +11,8 @@ import json
 
 from server.errors import error_response
 
-OPEN_PATHS = {"/health", "/metrics"}  # no API key needed
+# no API key needed; /kv is the inspector's static page, whose script asks for the key
+OPEN_PATHS = {"/health", "/metrics", "/kv"}
 
 
 class BearerAuth:

@@ -91,6 +91,16 @@ def build_server(engine_kwargs: dict, api_key: str | None = None,
     return aengine, app
 
 
+def page_url(host: str, port: int) -> str:
+    """The KV inspector's URL as a browser on this machine reaches it (a wildcard address
+    listens on loopback too)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"http://{host}:{port}/kv"
+
+
 def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
           shutdown_timeout: float = 30.0, log_level: str = "info", **app_options) -> int:
     """Serve until SIGTERM (see the module docstring); app_options: build_server's."""
@@ -101,6 +111,8 @@ def serve(engine_kwargs: dict, host: str = "127.0.0.1", port: int = 8000,
                                 timeout_graceful_shutdown=5, access_log=False)
         server = _Server(config, aengine, shutdown_timeout)
         logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", name, host, port)
+        logger.info("KV inspector: %s%s", page_url(host, port),
+                    " (the page asks for the API key)" if app_options.get("api_key") else "")
         server.run()
     finally:
         aengine.stop()

@@ -26,11 +26,12 @@ ARCHS = {
 PROMPTS = [[(7 * i + 3 * j) % 500 + 1 for j in range(n)] for i, n in enumerate([1, 5, 17, 40, 9, 33])]
 
 
-def make_model(kind: str, path) -> torch.nn.Module:
+def make_model(kind: str, path, **overrides) -> torch.nn.Module:
+    """A tiny random model of `kind` saved at path (overrides: config fields)."""
     import transformers
     config_cls, model_cls, extra = ARCHS[kind]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     model.save_pretrained(path)
     return model

@@ -540,9 +540,10 @@ def test_openai_async_sdk_streaming(server):
 
 OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/version"),
               ("GET", "/v1/models"), ("GET", "/tokenizer_info"), ("POST", "/tokenize"),
-              ("POST", "/detokenize"),
+              ("POST", "/detokenize"), ("GET", "/v1/kv/state"),
               ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]
 GENERATION = ("/v1/completions", "/v1/chat/completions")
+QUERIES = ("/v1/kv/state",)  # the GETs that take input (a query parameter)
 
 
 @pytest.fixture(scope="module")
@@ -592,7 +593,7 @@ def test_openapi_lists_every_route(api_schema):
 
 @pytest.mark.parametrize("method,path,mode", [
     (m, p, mode) for m, p in OPERATIONS
-    for mode in (["positive", "negative"] if m == "POST" else ["positive"])])  # GETs take no input
+    for mode in (["positive", "negative"] if m == "POST" or p in QUERIES else ["positive"])])
 def test_openapi_fuzz(api_schema, method, path, mode):
     """No 5xx on any body, schema-valid or not, and every response matches the spec."""
     from hypothesis import HealthCheck, Phase, given, settings
