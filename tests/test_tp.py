@@ -122,12 +122,23 @@ def test_two_ranks_equal_one_on_tiny_models(kind, tmp_path):
         two.shutdown()
 
 
-def test_startup_errors_name_the_problem(tmp_path):
+def test_startup_errors_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not divide the model's 9 attention heads"):
         LLM(dtype="float32", tensor_parallel_size=2, num_kv_blocks=8)
     make_model("llama", tmp_path)
     with pytest.raises(ValueError, match="quantization='int8'.*tensor parallelism"):
         LLM(model=str(tmp_path), quantization="int8", tensor_parallel_size=2, num_kv_blocks=8)
+    import socket
+    with socket.socket() as taken:  # rank 0 of a launched group, its MASTER_PORT in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", str(taken.getsockname()[1]))):
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=r"cannot listen on 127\.0\.0\.1:\d+.*port taken"):
+            LLM(model=str(tmp_path), dtype="float32", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 but WORLD_SIZE=2"):
+        LLM(model=str(tmp_path), dtype="float32", num_kv_blocks=8, tensor_parallel_size=3)
 
 
 # ------------------------------------------------------------------ servers
