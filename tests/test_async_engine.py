@@ -48,6 +48,12 @@ class Scripted:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def check_health(self) -> None:  # no other ranks to lose
+        pass
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
     def step(self) -> list[RequestOutput]:
         self.hold.wait()
         self.steps += 1
@@ -106,6 +112,7 @@ def test_requests_stream_their_outputs_and_the_metrics_count_them():
         assert aengine.num_unfinished == 0
     finally:
         aengine.stop()
+    assert aengine.engine.shut_down  # stop() lets the engine stop its other ranks
 
 
 def test_a_refusal_and_a_timeout():
