@@ -332,6 +332,14 @@ def run_launched_rank(build_kwargs: dict) -> int:
     from engine.model_runner import ModelRunner
     config, model, _, _ = build(**build_kwargs)
     rank = model.shard.rank
+
+    # A supervisor stopping the group signals every rank at once (Kubernetes deletes all its
+    # pods): dying here would fail the steps rank 0 is draining. This rank follows rank 0:
+    # it ends when rank 0 stops the group or goes away.
+    def on_term(signum, frame):
+        logger.info("tensor parallel rank %d: %s: waiting for rank 0 to stop the group", rank,
+                    signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, on_term)
     logger.info("tensor parallel rank %d of %d ready; waiting for rank 0's steps", rank,
                 model.shard.world)
     try:

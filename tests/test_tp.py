@@ -161,7 +161,8 @@ def _completion(url: str, max_tokens: int = 8) -> list:
 def test_torchrun_style_launch_serves_from_rank_0(tiny_llama):
     """Two `kvserve serve` processes with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, as
     a launcher (torchrun, a LeaderWorkerSet) starts them: rank 0 serves, rank 1 computes; the
-    tokens equal one process's; SIGTERM on rank 0 stops rank 1 too."""
+    tokens equal one process's. Stopping the group signals both (as Kubernetes does): rank 1
+    keeps computing until rank 0 has drained, then both exit 0."""
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     args = ["--model", str(tiny_llama), "--num-kv-blocks", "32",
             *[x for kv in DEFAULT_ARGS.items() for x in kv]]  # what ServerProcess adds
@@ -171,6 +172,8 @@ def test_torchrun_style_launch_serves_from_rank_0(tiny_llama):
     try:
         with ServerProcess(*args, env={**env, "RANK": "0"}) as leader:
             got = _completion(leader.url)
+            worker.send_signal(signal.SIGTERM)
+            assert _completion(leader.url) == got  # rank 1 still computes its part
             assert leader.stop() == 0
         assert worker.wait(timeout=30) == 0
     finally:
