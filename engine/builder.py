@@ -175,7 +175,7 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
                           speculative=speculative, kv_cache_dtype=kv_cache_dtype,
                           tensor_parallel_size=tp_world)
     if shard:
-        tp.check_agreement(tp_rank, {
+        tp.check_agreement({
             "model": model_cfg, "dtype": str(dt), "block_size": block_size,
             "num_kv_blocks": num_blocks, "max_model_len": max_model_len,
             "kv_cache_dtype": kv_cache_dtype, "attention_backend": attention_backend})

@@ -196,9 +196,9 @@ class EngineConfig:
     def kv_cache_bytes(self) -> int:
         """One rank's pool: under tensor parallelism it holds that rank's KV heads only."""
         m, n = self.model, self.tensor_parallel_size
-        if n > 1:  # engine/tp.py's split: Hkv / N heads, or one replicated head
-            from dataclasses import replace
-            m = replace(m, num_kv_heads=m.num_kv_heads // n if m.num_kv_heads % n == 0 else 1)
+        if n > 1:  # rank 0's part (every rank holds as many KV heads)
+            from engine.tp import Shard  # engine.tp imports this module
+            m = Shard.of(m, 0, n).local_config(m)
         return (m.kv_bytes_per_token(self.dtype, self.kv_cache_dtype)
                 * self.num_kv_blocks * self.block_size)
 

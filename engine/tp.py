@@ -172,7 +172,7 @@ def init(rank: int, world: int, device: torch.device, addr: str | None = None,
                             timeout=INIT_TIMEOUT)
 
 
-def check_agreement(rank: int, summary: dict) -> None:
+def check_agreement(summary: dict) -> None:
     """Every rank must run the same engine (a launcher may start them with different flags):
     compare what shapes the steps, rank 0's against each other's."""
     summaries = [None] * dist.get_world_size()

@@ -194,9 +194,9 @@ class AsyncEngine:
                 self._drain_inbox(block=not engine.has_unfinished_requests())
                 if self._stop.is_set():
                     break
-                engine.check_health()
                 self._expire()
                 if not engine.has_unfinished_requests():
+                    engine.check_health()  # idle: woken by a lost rank (step() checks too)
                     continue
                 steps += 1
                 if self._fault_at and steps == self._fault_at:

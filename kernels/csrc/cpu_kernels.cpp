@@ -1742,8 +1742,8 @@ int kvs_quantize_rows(int dtype, int kvfmt, const void* x, int64_t n, int64_t D,
     for (int64_t r = 0; r < n; ++r) {
         for (int64_t i = 0; i < D; ++i)
             v[i] = dtype == 0 ? ((const float*)x)[r * D + i] : bf2f(((const bf16*)x)[r * D + i]);
-        store_kv_row(kvfmt, codes, (void*)((uint16_t*)scales), kvfmt == KV_INT8 ? 0.f
-                     : head_scales[r], r * D, v, D);
+        store_kv_row(kvfmt, codes, scales, kvfmt == KV_INT8 ? 0.f : head_scales[r], r * D, v,
+                     D);
     }
     return 0;
 }
