@@ -173,6 +173,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self.check_health()
+        with self.runner.threads():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()  # the step's cost, drafting included (the adaptive fit)
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)  # drafts, cut by schedule() to what fits

@@ -1,6 +1,7 @@
 """Owns the model and the KV cache; turns a scheduled step into one flat forward + sample."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -83,7 +84,8 @@ class ModelRunner:
         if self.fast is not None and input_ids.shape[0] <= self.fast_max:
             return self.fast(self.model.embed_tokens(input_ids), positions, meta.slot_mapping,
                              meta.block_tables, meta.cu_seqlens_q, meta.seq_lens)
-        return self.model(input_ids, positions, self.kv_caches, meta)
+        with cpu_kernels.torch_on_all_threads():  # (steps hold torch to one thread: threads())
+            return self.model(input_ids, positions, self.kv_caches, meta)
 
     def copy_blocks(self, copies) -> None:
         """Copy-on-write: blocks src -> dst in every layer (K, V and int8's scales)."""
@@ -125,12 +127,19 @@ class ModelRunner:
             rows = ends - (starts - 1 - torch.arange(len(ends), device=self.device))
         return sampling, self.logits(hidden[rows])
 
+    def threads(self):
+        """The context an engine step runs in: torch on one thread while the fused CPU
+        forward's pool holds the cores (kernels.cpu.torch_on_one_thread says why)."""
+        return cpu_kernels.torch_on_one_thread() if self.fast is not None \
+            else contextlib.nullcontext()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 [N, vocab]; few rows go through the CPU kernel, which reads
         the vocab matrix at ~3x the bandwidth of torch's bf16 GEMV here (bench/step.py)."""
         if self.fast is not None and hidden.shape[0] <= self.fast_max:
             return self.fast.logits(hidden)
-        return self.model.compute_logits(hidden)
+        with cpu_kernels.torch_on_all_threads():
+            return self.model.compute_logits(hidden)
 
     def _prompt_logprobs(self, seqs: list[Sequence], num_tokens: list[int],
                          hidden: torch.Tensor) -> None:

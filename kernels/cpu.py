@@ -18,6 +18,7 @@ Kernels (fp32 or bf16 tensors, CPU, contiguous):
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -38,6 +39,54 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-pthread", "-fPIC", "-shared
           "-fno-math-errno"]
 
 _lock = threading.Lock()
+
+# The pool's size while `torch_on_one_thread()` holds (None: torch's own thread count).
+_pool_threads: int | None = None
+
+
+def num_threads() -> int:
+    """Threads the kernels run on: torch's count, kept while torch is held to one thread."""
+    return _pool_threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """Torch's own ops run on the calling thread alone while the kernels' pool keeps every
+    thread: an engine step that runs its model through these kernels.
+
+    Two pools that spin while idle must not share the cores. After each parallel op torch's
+    OpenMP workers spin before they sleep (libgomp's default: 300,000 polls, ~6 ms on a 2-core
+    EPYC), and a fused forward started meanwhile runs on the cores they hold: a verification
+    step with 9 tokens took 16 ms instead of 11, and 16-stream decoding lost a third of its
+    throughput (bench/RESULTS.md). The ops torch runs in such a step (the sampler, gathers of
+    a few logits rows) are small enough for one thread. Nests; `torch_on_all_threads()` hands
+    the threads back for a torch forward inside it."""
+    global _pool_threads
+    n = torch.get_num_threads()
+    if _pool_threads is not None or n == 1:
+        yield
+        return
+    _pool_threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _pool_threads = None
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def torch_on_all_threads():
+    """Inside `torch_on_one_thread()`: torch's ops on every thread again (a torch forward)."""
+    n = _pool_threads
+    if n is None:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
@@ -192,7 +241,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                  tables.shape[1], cu.data_ptr(), lens.data_ptr(), lens.numel(),
                                  num_tokens, hq, hkv, d, block_size, float(scale),
                                  int(sliding_window or 0), out.data_ptr(),
-                                 torch.get_num_threads(), kvfmt, _ptr(k_scale), _ptr(v_scale))
+                                 num_threads(), kvfmt, _ptr(k_scale), _ptr(v_scale))
     _check(rc, "paged_attention")
     return out.to(q.dtype)
 
@@ -222,7 +271,7 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
     lse = torch.empty(rows, dtype=torch.float32)
     rank = torch.empty(rows, dtype=torch.int64)
     if rows and library().kvs_row_stats(logits.data_ptr(), rows, vocab, target.data_ptr(),
-                                        lse.data_ptr(), rank.data_ptr(), torch.get_num_threads()):
+                                        lse.data_ptr(), rank.data_ptr(), num_threads()):
         raise ValueError(f"row_stats: a target is outside [0, {vocab})")
     return lse, rank
 
@@ -238,7 +287,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     allowed = torch.empty(len(rows), dtype=torch.int64)
     library().kvs_apply_bitmask(logits.data_ptr(), logits.shape[1], bitmask.data_ptr(),
                                 bitmask.shape[1], idx.data_ptr(), len(rows), allowed.data_ptr(),
-                                torch.get_num_threads())
+                                num_threads())
     return allowed.tolist()
 
 
@@ -380,7 +429,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                          f"(float32 x), others [N, K] of x's dtype")
     y = torch.empty(m, n, dtype=torch.float32 if out_fp32 else x.dtype)
     rc = lib.kvs_linear(DTYPE_CODES[x.dtype], x.data_ptr(), w.data_ptr(), _ptr(w_scale), bits,
-                        _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), torch.get_num_threads())
+                        _ptr(bias), y.data_ptr(), m, n, k, int(out_fp32), num_threads())
     if rc != 0:
         raise ValueError("int8 / int4 weights need in_features % 32 == 0")
     return y
@@ -517,6 +566,6 @@ class Forward:
                                   self.cos.data_ptr(), self.sin.data_ptr(), self.eps,
                                   x.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                                   tables.data_ptr(), cu.data_ptr(), lens.data_ptr(), num_tokens,
-                                  lens.numel(), out.data_ptr(), torch.get_num_threads())
+                                  lens.numel(), out.data_ptr(), num_threads())
         _check(rc, "forward")
         return out

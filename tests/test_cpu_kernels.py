@@ -211,6 +211,65 @@ def test_enforce_eager_and_torch_backend_are_the_old_path(tiny):
     assert a == b
 
 
+needs_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2+ torch threads")
+
+
+@needs_threads
+def test_torch_on_one_thread_keeps_the_pool_size_and_restores():
+    n = torch.get_num_threads()
+    with cpu.torch_on_one_thread():
+        assert (torch.get_num_threads(), cpu.num_threads()) == (1, n)
+        with cpu.torch_on_one_thread():  # nests
+            assert (torch.get_num_threads(), cpu.num_threads()) == (1, n)
+        assert (torch.get_num_threads(), cpu.num_threads()) == (1, n)
+        with cpu.torch_on_all_threads():
+            assert (torch.get_num_threads(), cpu.num_threads()) == (n, n)
+        assert torch.get_num_threads() == 1
+    assert (torch.get_num_threads(), cpu.num_threads()) == (n, n)
+    with pytest.raises(KeyError):
+        with cpu.torch_on_one_thread():
+            raise KeyError
+    assert (torch.get_num_threads(), cpu.num_threads()) == (n, n)
+    with cpu.torch_on_all_threads():  # outside: nothing to hand back
+        assert torch.get_num_threads() == n
+
+
+@needs_threads
+def test_fused_steps_run_torch_on_one_thread(tiny, monkeypatch):
+    """While a step runs the fused forward, torch's own ops (the sampler's) get one thread
+    and the kernels every thread: torch's idle OpenMP workers spin on the cores the pool
+    needs otherwise (kernels.cpu.torch_on_one_thread). A step that runs the torch model gets
+    every thread for it. The counts are back after each step."""
+    from engine import LLM, SamplingParams
+    from test_models_hf import PROMPTS
+    _, path, _ = tiny
+    n = torch.get_num_threads()
+    llm = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=64)
+    engine, runner = llm.engine, llm.engine.runner
+    seen = {"sampler": set(), "kernels": set(), "model": set()}
+    sample, model_forward = engine.sampler.__call__, runner.model.forward
+
+    def record_sampler(*a, **kw):
+        seen["sampler"].add(torch.get_num_threads())
+        seen["kernels"].add(cpu.num_threads())
+        return sample(*a, **kw)
+
+    def record_model(*a, **kw):
+        seen["model"].add(torch.get_num_threads())
+        return model_forward(*a, **kw)
+
+    monkeypatch.setattr(engine, "sampler", record_sampler)
+    monkeypatch.setattr(runner.model, "forward", record_model)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=4, ignore_eos=True)
+    llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert seen == {"sampler": {1}, "kernels": {n}, "model": set()}
+    assert torch.get_num_threads() == n
+    monkeypatch.setattr(runner, "fast_max", 1)  # prompts through the torch model
+    llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert seen["model"] == {n} and seen["sampler"] == {1}
+    assert torch.get_num_threads() == n
+
+
 def test_bf16_fused_forward_stays_close_to_fp32(tiny):
     """bf16 through the fused forward: same argmax as fp32 at nearly every position."""
     from engine import LLM
