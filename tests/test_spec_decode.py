@@ -24,6 +24,27 @@ def test_ngram_lookup_takes_the_latest_longest_match():
     assert ngram_propose(np.array([7, 7, 7]), 4, 1, 2) == [7]     # a run proposes itself
 
 
+def _lookup_by_windows(tokens, k, lo, hi):
+    """The lookup's definition, window by window: the longest suffix first, its latest match."""
+    n_tok = len(tokens)
+    for n in range(min(hi, n_tok - 1), lo - 1, -1):
+        for s in range(n_tok - n - 1, -1, -1):
+            if list(tokens[s:s + n]) == list(tokens[n_tok - n:]):
+                return list(tokens[s + n:s + n + k])
+    return []
+
+
+def test_ngram_lookup_equals_its_definition_on_random_text():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        n_tok = int(rng.integers(1, 40))
+        t = rng.integers(0, int(rng.integers(1, 6)), n_tok)  # few symbols: many repeats
+        lo = int(rng.integers(1, 4))
+        hi = int(rng.integers(lo, 6))
+        k = int(rng.integers(1, 6))
+        assert ngram_propose(t, k, lo, hi) == _lookup_by_windows(t, k, lo, hi), (t, k, lo, hi)
+
+
 @pytest.mark.parametrize("bad", [{"method": "eagle"}, {"num_speculative_tokens": 0},
                                  {"prompt_lookup_min": 3, "prompt_lookup_max": 2},
                                  {"nope": 1}, "not json", "[1]", {"method": "draft_model"},
