@@ -175,10 +175,14 @@ def build(model: str | None = None, dtype: str | torch.dtype = "auto", device: s
                           speculative=speculative, kv_cache_dtype=kv_cache_dtype,
                           tensor_parallel_size=tp_world)
     if shard:
-        tp.check_agreement({
-            "model": model_cfg, "dtype": str(dt), "block_size": block_size,
-            "num_kv_blocks": num_blocks, "max_model_len": max_model_len,
-            "kv_cache_dtype": kv_cache_dtype, "attention_backend": attention_backend})
+        try:
+            tp.check_agreement({
+                "model": model_cfg, "dtype": str(dt), "block_size": block_size,
+                "num_kv_blocks": num_blocks, "max_model_len": max_model_len,
+                "kv_cache_dtype": kv_cache_dtype, "attention_backend": attention_backend})
+        except ValueError:
+            tp.leave()  # before exiting: a group torn down at exit can abort (std::terminate)
+            raise
     logger.info("KV cache: %d blocks × %d tokens = %d tokens, %.1f MiB%s%s", num_blocks,
                 block_size, num_blocks * block_size, config.kv_cache_bytes / 2**20,
                 kv_saving(model_cfg, dt, kv_cache_dtype),

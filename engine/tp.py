@@ -251,6 +251,13 @@ def worker_failure() -> str | None:
     return WORKERS.dead if WORKERS is not None else None
 
 
+def leave() -> None:
+    """Leave the process group now (a rank that will not step): its gloo threads are joined
+    here instead of in the interpreter's exit, where one still running aborts the process."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shutdown() -> None:
     """Rank 0: tell every rank to stop, wait for spawned ones, leave the group."""
     global WORKERS
