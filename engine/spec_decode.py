@@ -113,8 +113,8 @@ def ngram_propose(tokens: np.ndarray, k: int, lo: int, hi: int) -> list[int]:
     suffix of `tokens` (hi down to lo tokens long) that occurs before; [] if none does.
 
     One pass over the tokens finds where the last token occurred before; only those places
-    are extended backwards, a token at a time (a step's lookups at 16 streams: ~4x faster than
-    comparing every window of every length)."""
+    are extended backwards, a token at a time (3-13 us a lookup over 100-2000 tokens, against
+    65-180 us comparing every window of every length)."""
     n_tok = len(tokens)
     last = tokens[n_tok - 1] if n_tok else None
     ends = np.flatnonzero(tokens[:n_tok - 1] == last)   # occurrences end here (not the suffix)

@@ -87,6 +87,8 @@ def torch_on_all_threads():
         yield
     finally:
         torch.set_num_threads(1)
+
+
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
