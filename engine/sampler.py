@@ -32,6 +32,10 @@ How the draw is made, and why:
   * A row with a seed draws its uniforms from its own generator, seeded by (seed + seq.index,
     output position), two per round it takes part in, so its tokens depend neither on the rest
     of the batch nor on how many positions a step samples. Unseeded rows share the global RNG.
+  * fp32 rows on the CPU take kernels/cpu.py's passes (one parallel pass per row for the
+    weights, for top_p's mass above a draw, for the chosen token's log-sum-exp) instead of
+    several torch ops each: an engine step runs torch on one thread (the kernels' pool holds
+    the cores), and these were ~2 ms of a 16-stream step. Same weights up to float rounding.
 
 (Over 300 lines: the steps above are one batched pass, kept in one file in their order.)
 """
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 
 from engine.sequence import Sequence
 from engine.stop_rules import StopRules
+from kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -84,11 +89,20 @@ class Sampler:
                 tokens[_ids(b.greedy_rows, logits)] = z.argmax(dim=-1)
             if b.random_rows:
                 tokens[_ids(b.random_rows, logits)] = _sample(logits, b, seqs)
+        if not b.logprob_rows and _cpu(logits):  # the chosen token's only: x - log-sum-exp
+            lse = cpu_kernels.row_stats(logits, tokens)[0]
+            return SamplerOutput(tokens, logits.gather(1, tokens[:, None])[:, 0] - lse)
         logp = compute_logprobs(logits)                                         # [N, V]
         out = SamplerOutput(tokens, logp.gather(1, tokens[:, None])[:, 0])
         if b.logprob_rows:
             _add_top_logprobs(out, logp, b)
         return out
+
+
+def _cpu(x: torch.Tensor) -> bool:
+    """fp32 CPU tensors go through kernels/cpu.py's row kernels (one parallel pass each on
+    the kernels' threads, where torch's ops in an engine step get one thread)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.available()
 
 
 @dataclass
@@ -191,17 +205,21 @@ CUTOFF = -80.0  # log of the smallest weight p / p_max a draw can pick
 def _draw_filtered(z: torch.Tensor, min_p: list[float], top_p: list[float],
                    generators: list[torch.Generator | None]) -> torch.Tensor:
     # z: [G, C] tempered logits of the candidates (-inf: not one), overwritten -> positions [G]
-    # a tiny temperature or penalty can overflow a logit to inf: keep it the largest finite
-    z.nan_to_num_(nan=-math.inf, posinf=torch.finfo(z.dtype).max)
-    z.sub_(z.amax(dim=-1, keepdim=True))
-    # exp on x86 is ~5x slower on -inf and ~10x on what underflows to denormals than on the
-    # rest (16 x 49152: 1.5 ms with most masked by a grammar, 4.4 at a low temperature, 0.3
-    # finite): every weight below e^-80 of the best is 0 instead, by two threshold passes that
-    # keep exp's input finite (0.4 ms in all cases). The draws are the same: such weights are
-    # below float64's resolution of the cumulative sums.
-    w = F.threshold_(F.threshold_(z, CUTOFF, CUTOFF).exp_(), math.exp(CUTOFF) * 1.0001, 0.0)
-    if any(min_p):
-        w.masked_fill_(w < torch.tensor(min_p, device=w.device)[:, None], 0)
+    if _cpu(z) and z.is_contiguous():  # the same weights in one pass (kernels/cpu.py)
+        w = cpu_kernels.sample_weights_(z, min_p, CUTOFF)
+    else:
+        # a tiny temperature or penalty can overflow a logit to inf: keep it the largest finite
+        z.nan_to_num_(nan=-math.inf, posinf=torch.finfo(z.dtype).max)
+        z.sub_(z.amax(dim=-1, keepdim=True))
+        # exp on x86 is ~5x slower on -inf and ~10x on what underflows to denormals than on
+        # the rest (16 x 49152: 1.5 ms with most masked by a grammar, 4.4 at a low
+        # temperature, 0.3 finite): every weight below e^-80 of the best is 0 instead, by two
+        # threshold passes that keep exp's input finite (0.4 ms in all cases). The draws are
+        # the same: such weights are below float64's resolution of the cumulative sums.
+        w = F.threshold_(F.threshold_(z, CUTOFF, CUTOFF).exp_(), math.exp(CUTOFF) * 1.0001,
+                         0.0)
+        if any(min_p):
+            w.masked_fill_(w < torch.tensor(min_p, device=w.device)[:, None], 0)
     pos, total = _draw(w, generators)
     rows = [i for i, p in enumerate(top_p) if p < 1]
     if rows:
@@ -210,11 +228,18 @@ def _draw_filtered(z: torch.Tensor, min_p: list[float], top_p: list[float],
     while rows:
         # the mass strictly above the draw; at or past top_p, the draw is outside the nucleus
         r = _ids(rows, w)
-        above = torch.where(w > w.gather(1, pos[r][:, None]), w, 0)              # [Gp, C]
-        outside = (above.sum(dim=-1) >= limit[r]).tolist()
+        if _cpu(w) and w.is_contiguous():  # the mass alone; the weights above only to redraw
+            outside = (cpu_kernels.mass_above(w, pos[r]) >= limit[r]).tolist()
+            keep = torch.tensor(outside, device=w.device)
+            w, at = w[keep], pos[r][keep]
+            above = torch.where(w > w.gather(1, at[:, None]), w, 0)
+        else:
+            above = torch.where(w > w.gather(1, pos[r][:, None]), w, 0)          # [Gp, C]
+            outside = (above.sum(dim=-1) >= limit[r]).tolist()
+            above = above[torch.tensor(outside, device=w.device)]
         rows = [i for i, out in zip(rows, outside) if out]
         if rows:
-            w = above[torch.tensor(outside, device=w.device)]    # redraw among the tokens above
+            w = above                                            # redraw among the tokens above
             pos[_ids(rows, w)] = _draw(w, [generators[i] for i in rows])[0]
     return pos
 

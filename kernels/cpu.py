@@ -99,6 +99,8 @@ _SIGNATURES = {
     "kvs_has_vnni": ([], ctypes.c_int),
     "kvs_row_stats": ([_P, _I, _I, _P, _P, _P, ctypes.c_int], ctypes.c_int),
     "kvs_apply_bitmask": ([_P, _I, _P, _I, _P, _I, _P, ctypes.c_int], ctypes.c_int),
+    "kvs_sample_weights": ([_P, _I, _I, _P, ctypes.c_float, ctypes.c_int], ctypes.c_int),
+    "kvs_mass_above": ([_P, _I, _I, _P, _P, ctypes.c_int], ctypes.c_int),
     "kvs_linear": ([ctypes.c_int, _P, _P, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int,
                     ctypes.c_int], ctypes.c_int),
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
@@ -276,6 +278,29 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor,
                                         lse.data_ptr(), rank.data_ptr(), num_threads()):
         raise ValueError(f"row_stats: a target is outside [0, {vocab})")
     return lse, rank
+
+
+def sample_weights_(z: torch.Tensor, min_p: list[float], cutoff: float) -> torch.Tensor:
+    """In place, fp32 contiguous z [R, C] of tempered logits -> sampling weights: e^(z - max),
+    0 where below e^cutoff or below min_p[r] (engine/sampler.py's _draw_filtered, the torch
+    version of which it replaces: one parallel pass per row instead of seven torch passes)."""
+    assert z.dtype == torch.float32 and z.is_contiguous() and len(min_p) == z.shape[0]
+    mp = torch.tensor(min_p, dtype=torch.float32)
+    library().kvs_sample_weights(z.data_ptr(), z.shape[0], z.shape[1], mp.data_ptr(),
+                                 float(cutoff), num_threads())
+    return z
+
+
+def mass_above(w: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per row of fp32 weights w [R, C]: the total (float64) of the weights strictly above
+    w[r, pos[r]] (top-p: the mass ahead of a draw)."""
+    assert w.dtype == torch.float32 and w.is_contiguous()
+    pos = pos.to(torch.int64).contiguous()
+    out = torch.empty(w.shape[0], dtype=torch.float64)
+    if w.shape[0] and library().kvs_mass_above(w.data_ptr(), w.shape[0], w.shape[1],
+                                               pos.data_ptr(), out.data_ptr(), num_threads()):
+        raise ValueError(f"mass_above: a position is outside [0, {w.shape[1]})")
+    return out
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> list[int]:

@@ -107,8 +107,20 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def path(request, monkeypatch):
+    """The sampler's row passes on the CPU kernels (kernels/cpu.py), or torch's everywhere (as
+    on a GPU, or without a compiler)."""
+    import engine.sampler
+    if request.param == "torch":
+        monkeypatch.setattr(engine.sampler, "_cpu", lambda x: False)
+    elif not engine.sampler._cpu(torch.zeros(1)):
+        pytest.skip("no CPU kernels")
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_draws_follow_the_filtered_softmax(case):
+def test_draws_follow_the_filtered_softmax(case, path):
     kw = CASES[case]
     logits = spread_logits()
     probs = expected_probs(logits, **kw)
@@ -120,7 +132,7 @@ def test_draws_follow_the_filtered_softmax(case):
 
 @pytest.mark.parametrize("kw", [dict(), dict(top_p=0.65, temperature=1.3), dict(top_k=300),
                                 dict(top_k=280, top_p=0.9, min_p=0.02)])
-def test_draws_across_blocks(kw):
+def test_draws_across_blocks(kw, path):
     # V = 1000: the draw picks one of four 256-entry blocks, then an entry in it. 60 tokens,
     # spread over every block, carry most of the mass; the rest share a thin tail.
     rng = np.random.default_rng(5)
@@ -436,3 +448,28 @@ def test_no_logprobs_asked_means_none():
     assert isinstance(out, SamplerOutput)
     assert out.top_ids is None and out.top_logprobs is None and out.ranks is None
     assert out.tokens.shape == (3,) and out.logprobs.shape == (3,)
+
+
+def test_kernel_and_torch_paths_draw_the_same_tokens(monkeypatch):
+    """Seeded rows of a 49k vocabulary (every filter, ties of -inf and +inf logits included):
+    the CPU kernels' weights differ from torch's by float rounding only, so the same uniforms
+    pick the same tokens, and the logprobs agree."""
+    import engine.sampler
+    if not engine.sampler._cpu(torch.zeros(1)):
+        pytest.skip("no CPU kernels")
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(48, 49152, generator=gen) * 3
+    logits[5, :100] = -math.inf
+    logits[6, 7] = math.inf
+    kinds = [dict(), dict(temperature=0.7, top_p=0.9), dict(min_p=0.05, temperature=1.3),
+             dict(top_k=40, top_p=0.8), dict(temperature=0.2, top_p=0.5, min_p=0.02),
+             dict(repetition_penalty=1.3, top_p=0.95)]
+    seqs = [seq(SamplingParams(seed=i, **kinds[i % len(kinds)]), rid=str(i)) for i in range(48)]
+    out = {}
+    for name in ("kernels", "torch"):
+        if name == "torch":
+            monkeypatch.setattr(engine.sampler, "_cpu", lambda x: False)
+        out[name] = Sampler()(logits.clone(), [copy.deepcopy(s) for s in seqs])
+    assert out["kernels"].tokens.tolist() == out["torch"].tokens.tolist()
+    assert torch.allclose(out["kernels"].logprobs, out["torch"].logprobs, atol=1e-5,
+                          equal_nan=True)  # (a +inf logit: NaN either way)

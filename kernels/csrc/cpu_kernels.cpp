@@ -8,6 +8,7 @@
 // Element type T is float (fp32 models) or bf16 (stored as uint16_t). Arithmetic is fp32;
 // with AVX-512 BF16 the bf16 dot products use vdpbf16ps (bf16 x bf16 -> fp32 accumulate,
 // as torch's bf16 GEMMs do).
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1668,6 +1669,91 @@ int kvs_row_stats(const float* x, int64_t rows, int64_t V, const int64_t* target
         for (int64_t k = j; k < V; ++k) sum += std::exp(row[k] - mx);
         lse[r] = mx + std::log(sum);
         rank[r] = above + 1;
+    });
+    return 0;
+}
+
+// Sampling weights, in place, per row of fp32 logits z [rows, C] (engine/sampler.py's
+// _draw_filtered, which also says why): NaN -> -inf, -inf -> -FLT_MAX, +inf -> FLT_MAX (torch's
+// nan_to_num as called there); d = z - max, raised to `cutoff`; w = e^d, 0 unless above
+// e^cutoff * 1.0001; then 0 below min_p[r] (a fraction of the top weight, 1).
+int kvs_sample_weights(float* z, int64_t rows, int64_t C, const float* min_p, float cutoff,
+                       int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
+    const float floor_w = std::exp(cutoff) * 1.0001f;
+    auto clean = [](float x) {
+        return std::isnan(x) ? -INFINITY : x == INFINITY ? FLT_MAX : x == -INFINITY ? -FLT_MAX : x;
+    };
+    parallel_for(p, rows, [&](int64_t r) {
+        float* row = z + r * C;
+        const float mp = min_p[r];
+        float mx = -INFINITY;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 vinf = _mm512_set1_ps(INFINITY), vninf = _mm512_set1_ps(-INFINITY);
+        const __m512 vmax = _mm512_set1_ps(FLT_MAX), vmin = _mm512_set1_ps(-FLT_MAX);
+        auto clean16 = [&](__m512 v) {
+            v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, vinf, _CMP_EQ_OQ), vmax);
+            v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, vninf, _CMP_EQ_OQ), vmin);
+            return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vninf);
+        };
+        __m512 vm = vninf;
+        for (; j + 16 <= C; j += 16) vm = _mm512_max_ps(vm, clean16(_mm512_loadu_ps(row + j)));
+        mx = _mm512_reduce_max_ps(vm);
+#endif
+        for (int64_t k = j; k < C; ++k) mx = std::max(mx, clean(row[k]));
+        j = 0;
+#if defined(__AVX512F__)
+        const __m512 vmx = _mm512_set1_ps(mx), vcut = _mm512_set1_ps(cutoff);
+        const __m512 vfloor = _mm512_set1_ps(floor_w), vmp = _mm512_set1_ps(mp);
+        for (; j + 16 <= C; j += 16) {
+            __m512 d = _mm512_sub_ps(clean16(_mm512_loadu_ps(row + j)), vmx);
+            d = _mm512_mask_mov_ps(vcut, _mm512_cmp_ps_mask(d, vcut, _CMP_GT_OQ), d);
+            const __m512 e = exp16(d);
+            __mmask16 keep = _mm512_cmp_ps_mask(e, vfloor, _CMP_GT_OQ);
+            if (mp > 0) keep &= _mm512_cmp_ps_mask(e, vmp, _CMP_GE_OQ);
+            _mm512_storeu_ps(row + j, _mm512_maskz_mov_ps(keep, e));
+        }
+#endif
+        for (int64_t k = j; k < C; ++k) {
+            float d = clean(row[k]) - mx;
+            d = d > cutoff ? d : cutoff;
+            const float e = std::exp(d);
+            row[k] = e > floor_w && !(e < mp) ? e : 0.f;
+        }
+    });
+    return 0;
+}
+
+// Top-p: per row of weights w [rows, C], the total (float64) of the weights strictly above
+// w[r, pos[r]] (the mass ahead of a draw).
+int kvs_mass_above(const float* w, int64_t rows, int64_t C, const int64_t* pos, double* out,
+                   int nthreads) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    Pool& p = pool(nthreads);
+    for (int64_t r = 0; r < rows; ++r)
+        if (pos[r] < 0 || pos[r] >= C) return 1;
+    parallel_for(p, rows, [&](int64_t r) {
+        const float* row = w + r * C;
+        const float t = row[pos[r]];
+        double total = 0.0;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 vt = _mm512_set1_ps(t);
+        __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+        for (; j + 16 <= C; j += 16) {
+            const __m512 v = _mm512_loadu_ps(row + j);
+            const __m512 x = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, vt, _CMP_GT_OQ), v);
+            a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+            a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(
+                _mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+        }
+        total = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+#endif
+        for (int64_t k = j; k < C; ++k)
+            if (row[k] > t) total += row[k];
+        out[r] = total;
     });
     return 0;
 }
