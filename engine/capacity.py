@@ -350,6 +350,7 @@ def plan_capacity(model: ModelConfig, dtype: str | torch.dtype = "auto", device:
     weights: on CUDA the default budget leaves room for them. seq_len defaults to max_model_len."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    kv_cache_dtype = kvquant.resolve_kv_cache_dtype(kv_cache_dtype)  # (aliases: fp8)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     budget = None
@@ -365,7 +366,7 @@ def plan_capacity(model: ModelConfig, dtype: str | torch.dtype = "auto", device:
     seq_len = max_model_len if seq_len is None else seq_len
     return CapacityPlan(model, dt, block_size, num_kv_blocks, max_model_len, seq_len,
                         max_num_batched_tokens, max_num_seqs, budget, model_name,
-                        kvquant.resolve_kv_cache_dtype(kv_cache_dtype))
+                        kv_cache_dtype)
 
 
 def plan_for_config(config: EngineConfig, seq_len: int | None = None,

@@ -226,6 +226,10 @@ def test_kv_cache_memory_buys_2x_bf16_and_4x_float32_blocks():
     text = plan.format()
     assert "64 head_dim × 1 B + a 2 B fp16 scale" in text and "1.94× the tokens" in text
     assert plan.to_dict()["kv_cache_dtype"] == "int8"
+    # the alias `kvserve info --kv-cache-dtype fp8` offers sizes the pool as fp8_e4m3
+    alias = plan_capacity(m, "bfloat16", "cpu", kv_cache_memory="256MiB", kv_cache_dtype="fp8")
+    assert alias.kv_cache_dtype == "fp8_e4m3"
+    assert alias.num_kv_blocks == blocks["bfloat16", "fp8_e4m3"]
 
 
 def test_engine_allocates_codes_and_scales(tiny_llama):
