@@ -105,10 +105,20 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         return self._num_requests + self._pending_adds
 
-    async def add_request(self, request_id: str, prompt: list[int],
-                          params: SamplingParams) -> RequestStream:
+    def _check_running(self) -> None:
         if self.error is not None or not self._thread.is_alive():
             raise EngineDead(f"the engine is not running: {self.error!r}")
+
+    def _post(self, cmd) -> None:
+        """Into the engine thread's inbox. A thread that failed or stopped between the
+        caller's _check_running() and this put reads no more: the command is answered here."""
+        self._inbox.put(cmd)
+        if self.error is not None or self._closed:
+            self._fail_inbox(self.error or EngineDead("the engine stopped"))
+
+    async def add_request(self, request_id: str, prompt: list[int],
+                          params: SamplingParams) -> RequestStream:
+        self._check_running()
         if self.draining:
             raise Draining("the server is shutting down")
         if self.max_queue is not None and self._num_waiting + self._pending_adds >= self.max_queue:
@@ -119,9 +129,7 @@ class AsyncEngine:
             channel.deadline = channel.timing.arrival + self.request_timeout
         with self._lock:
             self._pending_adds += 1
-        self._inbox.put(Add(request_id, prompt, params, channel))
-        if self.error is not None:  # the thread died between our check and the put
-            self._fail_inbox(self.error)
+        self._post(Add(request_id, prompt, params, channel))
         try:
             ack = await channel.queue.get()
         except asyncio.CancelledError:  # the client left before the engine took it
@@ -137,13 +145,10 @@ class AsyncEngine:
     async def kv_state(self) -> KVSnapshot:
         """The KV cache's blocks and tables, copied by the engine thread between two steps
         (queries that arrive together share one copy)."""
-        if self.error is not None or not self._thread.is_alive():
-            raise EngineDead(f"the engine is not running: {self.error!r}")
+        self._check_running()
         loop = asyncio.get_running_loop()
         query = KVStateQuery(loop, loop.create_future())
-        self._inbox.put(query)
-        if self.error is not None or self._closed:  # the thread ended between check and put
-            self._fail_inbox(self.error or EngineDead("the engine stopped"))
+        self._post(query)
         return await query.future
 
     async def drain(self, timeout: float) -> int:

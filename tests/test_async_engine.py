@@ -173,6 +173,25 @@ def test_a_failed_step_ends_every_stream_and_the_engine():
     assert [str(e) for e in failures] == ["boom"]
 
 
+def test_a_request_posted_as_the_engine_stops_hears_engine_dead():
+    """The thread can stop between add_request's liveness check and its put into the inbox,
+    which nobody reads then: the request must hear EngineDead, not wait forever."""
+    aengine = launch(Scripted())
+    aengine.stop()
+
+    class PassesTheCheck:  # the check ran just before the thread ended
+        @staticmethod
+        def is_alive():
+            return True
+    aengine._thread = PassesTheCheck()
+
+    async def run():
+        with pytest.raises(EngineDead):
+            await asyncio.wait_for(aengine.add_request("a", [1], SamplingParams()), 30)
+    asyncio.run(run())
+    assert aengine.num_unfinished == 0
+
+
 def test_a_failed_build_is_raised_by_launch():
     def build():
         raise FileNotFoundError("no such model")
