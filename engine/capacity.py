@@ -131,8 +131,17 @@ class CapacityPlan:
     @property
     def kv_formula(self) -> str:
         """The lecture's formula with this plan's numbers, e.g. '2 (K,V) × 64 head_dim × 3 kv
-        heads × 30 layers × 4 B = 46,080 B'."""
-        return self._kv_formula(f"{self.dtype.itemsize} B") + f" = {self.kv_bytes_per_token:,} B"
+        heads × 30 layers × 4 B = 46,080 B'; int8 counts its scales."""
+        m = self.model
+        head = f"{m.head_dim} head_dim × {m.num_kv_heads} kv heads"
+        if self.kv_cache_dtype == "auto":
+            formula = f"2 (K,V) × {head} × {m.num_layers} layers × {self.dtype.itemsize} B"
+        elif self.kv_cache_dtype == "int8":
+            formula = (f"2 (K,V) × {m.num_layers} layers × {m.num_kv_heads} kv heads × "
+                       f"({m.head_dim} head_dim × 1 B + a 2 B fp16 scale)")
+        else:
+            formula = f"2 (K,V) × {head} × {m.num_layers} layers × 1 B ({self.kv_cache_dtype})"
+        return f"{formula} = {self.kv_bytes_per_token:,} B"
 
     @cached_property
     def unquantized_kv_bytes_per_token(self) -> int:
@@ -257,8 +266,7 @@ class CapacityPlan:
             ("weights", f"{format_bytes(self.weight_bytes)} ({self.num_params:,} × {b} B)"),
             ("attention", f"{m.num_heads} query heads, {m.num_kv_heads} kv heads, head_dim "
                           f"{m.head_dim}; {attention}"),
-            ("KV per token", self._kv_formula(f"{b} B") + f" = {kv} "
-                             f"({format_bytes(self.kv_bytes_per_token)})"),
+            ("KV per token", f"{self.kv_formula} ({format_bytes(self.kv_bytes_per_token)})"),
             *([("  quantized", f"{self.kv_cache_dtype}: {self.kv_quant_saving:.2f}× the tokens "
                                f"per byte of a {_dtype_name(self.dtype)} cache "
                                f"({self.unquantized_kv_bytes_per_token:,} B per token)")]
@@ -308,17 +316,6 @@ class CapacityPlan:
         ]
         width = max(len(label) for label, _ in rows) + 2
         return [f"{label:<{width}}{text}" for label, text in rows]
-
-    def _kv_formula(self, value: str) -> str:
-        """The lecture's formula with this cache's bytes per value (and int8's scales)."""
-        m = self.model
-        head = f"{m.head_dim} head_dim × {m.num_kv_heads} kv heads"
-        if self.kv_cache_dtype == "auto":
-            return f"2 (K,V) × {head} × {m.num_layers} layers × {value}"
-        if self.kv_cache_dtype == "int8":
-            return (f"2 (K,V) × {m.num_layers} layers × {m.num_kv_heads} kv heads × "
-                    f"({m.head_dim} head_dim × 1 B + a 2 B fp16 scale)")
-        return f"2 (K,V) × {head} × {m.num_layers} layers × 1 B ({self.kv_cache_dtype})"
 
     def format(self) -> str:
         return "\n".join(self.lines())

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import torch
 
+from engine import tp
 from engine.attention import AttentionMetadata
 from engine.config import EngineConfig
 from engine.models import CausalLM
@@ -106,7 +107,6 @@ class ModelRunner:
         self.copy_blocks(copies)
         input_ids, positions, meta, sample_rows = self.prepare(seqs, num_tokens)
         if self.tp:  # every rank runs its layers on the batch rank 0 embedded
-            from engine import tp
             x = self.model.embed_tokens(input_ids)
             tp.send_step(x, positions, meta, copies)
             hidden = self.model.decoder(x, positions, self.kv_caches, meta)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import kvquant
+
 logger = logging.getLogger("kvserve.kernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
@@ -106,13 +108,12 @@ _SIGNATURES = {
     "kvs_paged_attention": ([ctypes.c_int, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I,
                              _I, ctypes.c_float, _I, _P, ctypes.c_int, ctypes.c_int, _P, _P],
                             ctypes.c_int),
-    "kvs_quantize_rows": ([ctypes.c_int, ctypes.c_int, _P, _I, _I, _P, _P, _P], ctypes.c_int),
+    "kvs_quantize_rows": ([ctypes.c_int, ctypes.c_int, _P, _I, _I, _P, _P], ctypes.c_int),
     "kvs_forward": ([ctypes.c_int, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, _P,
                      _P, _I, _I, _P, ctypes.c_int], ctypes.c_int),
 }
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-# the kernels' KvFormat of a cache dtype (kernels/kvquant.py); the model's dtype is 0
-KV_FORMATS = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+KV_FORMATS = kvquant.FORMAT_CODES  # the kernels' KvFormat of a cache dtype; the model's is 0
 
 
 def cache_dir() -> Path:
@@ -260,8 +261,7 @@ def quantize_rows(x: torch.Tensor, cache_dtype: torch.dtype,
     scales = torch.empty(n, dtype=torch.float16) if cache_dtype == torch.int8 \
         else head_scales.float().contiguous()
     rc = library().kvs_quantize_rows(DTYPE_CODES[x.dtype], KV_FORMATS[cache_dtype], x.data_ptr(),
-                                     n, d, codes.data_ptr(), scales.data_ptr(),
-                                     scales.data_ptr())
+                                     n, d, codes.data_ptr(), scales.data_ptr())
     _check(rc, "quantize_rows")
     return codes, scales
 
@@ -503,6 +503,7 @@ class Forward:
         # int8 / gguf / float32 tiles: every fused step reads the packed weights (pack_weight);
         # the model's own weights stay for the torch path (longer prefill chunks).
         self.tiles = int8_shapes_ok(cfg)  # every GEMM's rows come in tiles of 16
+        self.kvfmt = KV_FORMATS.get(kv_caches[0][0].dtype, 0)
         self.layer_ptrs = self._layer_ptrs(model, kv_caches, weights)
         self.windows = torch.tensor([w or 0 for w in cfg.layer_windows], dtype=torch.int64)
         self.final_norm = model.norm.weight
@@ -522,7 +523,6 @@ class Forward:
 
     def _layer_ptrs(self, model, kv_caches, weights: str | None) -> torch.Tensor:
         ptrs = []
-        self.kvfmt = KV_FORMATS.get(kv_caches[0][0].dtype, 0)
         for layer, cache in zip(model.layers, kv_caches):
             kc, vc = cache[:2]
             ks, vs = cache[2:] if len(cache) == 4 else (None, None)  # quantized: scales

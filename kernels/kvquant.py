@@ -24,6 +24,9 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
 STORAGE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 INT8_MAX = 127
+# the kernels' code of each quantized cache dtype (the C++ KvFormat, Triton's KV_QUANT); the
+# model's own dtype is 0
+FORMAT_CODES = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 
 
 def resolve_kv_cache_dtype(name: str | None) -> str:
@@ -42,11 +45,7 @@ def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def is_quantized(cache: torch.Tensor) -> bool:
-    return cache.dtype in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def is_fp8(cache: torch.Tensor) -> bool:
-    return cache.dtype in FP8_MAX
+    return cache.dtype in FORMAT_CODES
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +86,4 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, head_scale: torch.Tensor | Non
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:
     """codes [..., Hkv, D] with int8 scales [..., Hkv] or fp8 head scales [Hkv] -> values."""
-    if codes.dtype == torch.int8:
-        return (codes.float() * scale.float()[..., None]).to(out_dtype)
-    return (codes.float() * scale.float()[:, None]).to(out_dtype)
+    return (codes.float() * scale.float()[..., None]).to(out_dtype)

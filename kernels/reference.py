@@ -65,10 +65,9 @@ def _dequantize_rows(codes, cache_scale, rows, dtype):
     # codes [S, Hkv, L, D] gathered at flat (slot, head) rows [S, Hkv, L] -> values of dtype
     if cache_scale is None:
         return codes
-    if codes.dtype == torch.int8:
-        s = cache_scale.view(-1).index_select(0, rows.view(-1)).view(rows.shape)
-        return (codes.float() * s.float()[..., None]).to(dtype)
-    return (codes.float() * cache_scale.float()[None, :, None, None]).to(dtype)
+    s = cache_scale.view(-1).index_select(0, rows.view(-1)).view(rows.shape) \
+        if codes.dtype == torch.int8 else cache_scale[:, None]  # fp8: [Hkv, 1] per head
+    return kvquant.dequantize(codes, s, dtype)
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,

@@ -38,15 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kvquant import FORMAT_CODES
+
 LOG2E = 1.4426950408889634
 
 # KV_QUANT: how the caches hold K/V
 KV_PLAIN = tl.constexpr(0)   # the model dtype
-KV_INT8 = tl.constexpr(1)    # int8 codes, a fp16 scale per (slot, KV head) beside them
-KV_E4M3 = tl.constexpr(2)    # float8_e4m3fn codes (passed as uint8), a fp32 scale per KV head
-KV_E5M2 = tl.constexpr(3)    # float8_e5m2 codes (passed as uint8), a fp32 scale per KV head
-_KV_QUANT = {torch.int8: KV_INT8.value, torch.float8_e4m3fn: KV_E4M3.value,
-             torch.float8_e5m2: KV_E5M2.value}
+KV_INT8 = tl.constexpr(FORMAT_CODES[torch.int8])  # int8 codes, a fp16 scale per (slot, KV
+                                                  # head) beside them
+KV_E4M3 = tl.constexpr(FORMAT_CODES[torch.float8_e4m3fn])  # fp8 codes (passed as uint8), a
+KV_E5M2 = tl.constexpr(FORMAT_CODES[torch.float8_e5m2])    # fp32 scale per KV head
+_KV_QUANT = FORMAT_CODES
 
 
 # --------------------------------------------------------------------------------------------

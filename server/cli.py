@@ -6,6 +6,10 @@ import argparse
 import logging
 import sys
 
+# kernels/kvquant.py's KV_CACHE_DTYPES and the fp8 alias (not imported: it loads torch,
+# which `kvserve --help` does not need)
+KV_CACHE_DTYPES = ["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"]
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
@@ -34,7 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(llama.cpp's Q8 activations); int8: all int8; int4: weight-only int4 "
                         "linears (torch kernel, eager step)")
     g.add_argument("--kv-cache-dtype", default="auto",
-                   choices=["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   choices=KV_CACHE_DTYPES,
                    help="KV cache storage: auto (the model dtype), int8 (a fp16 scale per token "
                         "and KV head: ~2x the tokens of bf16, ~4x of float32), fp8_e4m3 / "
                         "fp8_e5m2 (fp8 = fp8_e4m3; a scale per KV head, 1.0 as in vLLM)")
@@ -119,7 +123,7 @@ def add_info_parser(sub) -> None:
     info.add_argument("--max-num-batched-tokens", type=int, default=2048)
     info.add_argument("--max-num-seqs", type=int, default=64)
     info.add_argument("--kv-cache-dtype", default="auto",
-                      choices=["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"])
+                      choices=KV_CACHE_DTYPES)
     info.add_argument("--json", action="store_true", help="print the numbers as JSON")
     info.set_defaults(func=cmd_info)
 

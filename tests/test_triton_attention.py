@@ -126,7 +126,12 @@ def check(seed, q_lens, seq_lens, layout, window=None, dtype=torch.float32):
     ref = paged_attention_ref(**to_device({**clean, "q": clean["q"].float(),
                                            "k_cache": clean["k_cache"].float(),
                                            "v_cache": clean["v_cache"].float()}))
-    dirty = to_device(poison(clean, poison_block))
+    return run_poisoned(to_device(poison(clean, poison_block)), ref, window, dtype)
+
+
+def run_poisoned(dirty, ref, window, dtype):
+    """The kernel on a NaN-poisoned case against the oracle's output on the clean one; with a
+    window, the oracle itself must ignore the evicted (NaN) blocks too."""
     out = torch.full_like(dirty["q"], float("nan"))
     res = ta.paged_attention(**dirty, out=out)
     assert res is out and res.dtype == dtype
@@ -134,7 +139,6 @@ def check(seed, q_lens, seq_lens, layout, window=None, dtype=torch.float32):
     err = (res.float() - ref).abs().max().item()
     assert err < ATOL[dtype], f"max |err| {err:.3g}"
     if window is not None and dtype == torch.float32:
-        # the oracle itself must ignore evicted (NaN) blocks too
         ref_dirty = paged_attention_ref(**dirty)
         assert torch.isfinite(ref_dirty).all()
         assert (ref_dirty - ref).abs().max().item() < 1e-5
@@ -352,17 +356,7 @@ def check_quantized(kind, seed, q_lens, seq_lens, layout, window=None, dtype=tor
                                     window, dtype)
     quant = quantize_case(clean, kind, seed)
     ref = paged_attention_ref(**to_device({**quant, "q": quant["q"].float()}))
-    dirty = to_device(poison_quantized(quant, poison_block))
-    out = torch.full_like(dirty["q"], float("nan"))
-    res = ta.paged_attention(**dirty, out=out)
-    assert res is out and res.dtype == dtype
-    assert torch.isfinite(res).all(), "NaN/inf: a row was not written or a dead key was read"
-    err = (res.float() - ref).abs().max().item()
-    assert err < ATOL[dtype], f"max |err| {err:.3g}"
-    if window is not None and dtype == torch.float32:
-        ref_dirty = paged_attention_ref(**dirty)
-        assert torch.isfinite(ref_dirty).all()
-        assert (ref_dirty - ref).abs().max().item() < 1e-5
+    res = run_poisoned(to_device(poison_quantized(quant, poison_block)), ref, window, dtype)
     return res.float(), clean
 
 

@@ -167,7 +167,7 @@ template <typename K> static inline float kv_ld(const K* p, int64_t i, float sca
 // One token's K or V row of one head (D values, x already rounded to the model's type) into
 // the cache at element offset `at` (slot * Hkv + head) * D; int8 writes its scale at
 // scales[slot * Hkv + head], fp8 divides by the head's scale.
-static void store_kv_row(int fmt, void* cache, void* scales, float head_scale, int64_t at,
+static void store_kv_row(int fmt, void* cache, void* scales, int64_t head, int64_t at,
                          const float* x, int64_t D) {
     if (fmt == KV_INT8) {
         float amax = 0.f;
@@ -181,6 +181,7 @@ static void store_kv_row(int fmt, void* cache, void* scales, float head_scale, i
         ((uint16_t*)scales)[at / D] = s16;
         return;
     }
+    const float head_scale = ((const float*)scales)[head];
     uint8_t* q = (uint8_t*)cache + at;
     for (int64_t i = 0; i < D; ++i)
         q[i] = fmt == KV_E4M3 ? fp8_encode(x[i] / head_scale, 3, 7, 448.f)
@@ -1580,8 +1581,7 @@ static int forward(const int64_t* dims, const int64_t* const* layer_ptrs, const 
                     const float* src = row + (HQ + kv * HKV + hh) * D;
                     for (int64_t i = 0; i < D; ++i) x[i] = rounded<T>(src[i]);
                     const int64_t sp = kv ? P_VSCALE : P_KSCALE;
-                    store_kv_row(a.kvfmt, (void*)P[kv ? P_VCACHE : P_KCACHE], (void*)P[sp],
-                                 a.kvfmt == KV_INT8 ? 0.f : ((const float*)P[sp])[hh],
+                    store_kv_row(a.kvfmt, (void*)P[kv ? P_VCACHE : P_KCACHE], (void*)P[sp], hh,
                                  (slot * HKV + hh) * D, x, D);
                 }
         }
@@ -1822,14 +1822,13 @@ int kvs_paged_attention(int dtype, const void* q, int64_t q_stride, const void* 
 // Rows x [n, D] of the model's dtype quantized as the cache stores them (kvfmt): codes [n, D]
 // bytes; int8 writes a fp16 scale per row into scales [n], fp8 divides by head_scales [n].
 int kvs_quantize_rows(int dtype, int kvfmt, const void* x, int64_t n, int64_t D, void* codes,
-                      void* scales, const float* head_scales) {
+                      void* scales) {
     if (D > 256 || kvfmt == KV_PLAIN) return 1;
     float v[256];
     for (int64_t r = 0; r < n; ++r) {
         for (int64_t i = 0; i < D; ++i)
             v[i] = dtype == 0 ? ((const float*)x)[r * D + i] : bf2f(((const bf16*)x)[r * D + i]);
-        store_kv_row(kvfmt, codes, scales, kvfmt == KV_INT8 ? 0.f : head_scales[r], r * D, v,
-                     D);
+        store_kv_row(kvfmt, codes, scales, r, r * D, v, D);
     }
     return 0;
 }
